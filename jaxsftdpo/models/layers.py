@@ -1,0 +1,125 @@
+"""Building blocks shared by every model family: linear layer, attention, dropout, KV cache.
+
+Models know nothing of devices or of training: they map arrays to arrays. Dropout takes an
+explicit key so a train step stays a pure function of (state, batch, key).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class Linear(nnx.Module):
+    """`y = x @ kernel + bias`, kernel stored `[in, out]` in `param_dtype`, computed in `dtype`.
+
+    `lora` is None until `jaxsftdpo.lora` attaches adapters; then it adds `(x @ A) @ B * scale`
+    without forming `A @ B`, so the frozen kernel needs no weight gradient.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
+                 stddev: float = 0.02, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        init = jax.nn.initializers.normal(stddev)
+        self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
+        self.lora = None
+        self.dtype = dtype
+        self.in_features = in_features
+        self.out_features = out_features
+
+    def __call__(self, x: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
+        x = x.astype(self.dtype)
+        y = x @ self.kernel[...].astype(self.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        if self.lora is not None:
+            y = y + self.lora(x, dropout_rng).astype(self.dtype)
+        return y
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with statistics in float32 whatever the compute dtype."""
+
+    def __init__(self, features: int, *, epsilon: float, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        self.scale = nnx.Param(jnp.ones((features,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((features,), param_dtype))
+        self.epsilon = epsilon
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    """Inverted dropout; the identity when `rng` is None (evaluation) or the rate is 0."""
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def split_rng(rng: jax.Array | None, n: int) -> list:
+    return [None] * n if rng is None else list(jax.random.split(rng, n))
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
+              scale: float, dropout_rate: float = 0.0,
+              dropout_rng: jax.Array | None = None) -> jax.Array:
+    """Softmax attention. q `[B,T,H,D]`, k/v `[B,S,H,D]`, mask `[B,T,S]` bool (True = attend).
+
+    Scores and softmax are in float32. A query row with nothing to attend (a left-padding
+    position) gets uniform weights instead of NaN; its output is never used.
+    """
+    scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = dropout(probs, dropout_rate, dropout_rng).astype(v.dtype)
+    return jnp.einsum("bhts,bshd->bthd", probs, v)
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer, `[layers, B, S, H, D]`, and which slots hold a token.
+
+    `index` is the next slot to write; `valid[b, s]` is False for padding slots, so left-padded
+    prompts and finished sequences need no special casing in the attention.
+    """
+
+    keys: jax.Array
+    values: jax.Array
+    valid: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def create(cls, *, layers: int, batch: int, length: int, heads: int, head_dim: int,
+               dtype) -> "KVCache":
+        shape = (layers, batch, length, heads, head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                   jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
+
+
+def attention_mask_for(valid_keys: jax.Array, query_len: int, offset) -> jax.Array:
+    """Causal mask `[B,T,S]`: query t (at absolute slot offset+t) sees valid slots <= its own."""
+    slots = jnp.arange(valid_keys.shape[1])
+    queries = offset + jnp.arange(query_len)
+    causal = slots[None, :] <= queries[:, None]
+    return valid_keys[:, None, :] & causal[None]
+
+
+def default_position_ids(attention_mask: jax.Array) -> jax.Array:
+    """Positions that skip padding: 0 at each sequence's first real token, left or right padded."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def head_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
