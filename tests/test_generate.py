@@ -1,0 +1,135 @@
+"""Generation: greedy parity with transformers, eos padding, seeded sampling, top-k/top-p sets."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import GPT2Config as HFConfig, GPT2LMHeadModel
+
+from jaxsftdpo import generate as gen
+from jaxsftdpo.errors import UserError
+from jaxsftdpo.models import from_pretrained
+
+VOCAB = 97
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    torch.manual_seed(0)
+    config = HFConfig(vocab_size=VOCAB, n_positions=128, n_embd=64, n_layer=2, n_head=4,
+                      initializer_range=0.1, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    reference = GPT2LMHeadModel(config).eval()
+    path = tmp_path_factory.mktemp("gpt2")
+    reference.save_pretrained(path)
+    return reference, from_pretrained(str(path))
+
+
+def left_padded_prompts(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    width = max(lengths)
+    ids = np.zeros((len(lengths), width), np.int64)
+    mask = np.zeros((len(lengths), width), np.int64)
+    for row, n in enumerate(lengths):
+        ids[row, width - n:] = rng.integers(1, VOCAB, n)
+        mask[row, width - n:] = 1
+    return ids, mask
+
+
+def test_greedy_matches_transformers_token_for_token(models):
+    reference, model = models
+    ids, mask = left_padded_prompts([5, 9, 3, 12])
+    with torch.no_grad():
+        expected = reference.generate(torch.tensor(ids), attention_mask=torch.tensor(mask),
+                                      do_sample=False, max_new_tokens=32, min_new_tokens=32,
+                                      pad_token_id=0).numpy()[:, ids.shape[1]:]
+    tokens = gen.generate(model, ids, mask, max_new_tokens=32)
+    assert tokens.shape == (4, 32)
+    np.testing.assert_array_equal(tokens, expected)
+    assert len(np.unique(tokens)) >= 4  # not one token repeated everywhere
+
+
+def test_right_padded_prompts_give_the_same_tokens(models):
+    _, model = models
+    ids, mask = left_padded_prompts([4, 7])
+    right_ids, right_mask = np.zeros_like(ids), np.zeros_like(mask)
+    for row in range(len(ids)):
+        n = mask[row].sum()
+        right_ids[row, :n], right_mask[row, :n] = ids[row][mask[row] == 1], 1
+    np.testing.assert_array_equal(gen.generate(model, ids, mask, max_new_tokens=8),
+                                  gen.generate(model, right_ids, right_mask, max_new_tokens=8))
+
+
+def test_finished_sequences_are_padded_with_eos(models):
+    reference, model = models
+    ids, mask = left_padded_prompts([5, 9, 3, 12])
+    free = gen.generate(model, ids, mask, max_new_tokens=16)
+    eos = int(free[0, 3])  # a token that row 0 emits, so at least one row stops early
+    tokens = gen.generate(model, ids, mask, max_new_tokens=16, eos_token_id=eos)
+    for row in tokens:
+        hits = np.flatnonzero(row == eos)
+        if hits.size:
+            assert (row[hits[0]:] == eos).all()
+    with torch.no_grad():
+        expected = reference.generate(torch.tensor(ids), attention_mask=torch.tensor(mask),
+                                      do_sample=False, max_new_tokens=16, eos_token_id=eos,
+                                      pad_token_id=eos).numpy()[:, ids.shape[1]:]
+    np.testing.assert_array_equal(tokens[:, :expected.shape[1]], expected)
+
+
+def test_sampling_is_reproducible_for_a_seed(models):
+    _, model = models
+    ids, mask = left_padded_prompts([6, 6, 2])
+    kwargs = dict(max_new_tokens=24, temperature=1.3, top_p=0.95)
+    first = gen.generate(model, ids, mask, seed=7, **kwargs)
+    np.testing.assert_array_equal(first, gen.generate(model, ids, mask, seed=7, **kwargs))
+    assert (first != gen.generate(model, ids, mask, seed=8, **kwargs)).any()
+
+
+def test_filter_logits_keeps_exactly_top_k_and_the_nucleus():
+    logits = np.log(np.array([[0.05, 0.4, 0.1, 0.3, 0.15]], np.float32))
+    neg = np.finfo(np.float32).min
+    kept_k = np.asarray(gen.filter_logits(logits, top_k=2, top_p=None)) > neg
+    np.testing.assert_array_equal(kept_k, [[False, True, False, True, False]])
+    # 0.4 + 0.3 = 0.7 < 0.75, so the nucleus also needs 0.15.
+    kept_p = np.asarray(gen.filter_logits(logits, top_k=None, top_p=0.75)) > neg
+    np.testing.assert_array_equal(kept_p, [[False, True, False, True, True]])
+    kept_p = np.asarray(gen.filter_logits(logits, top_k=None, top_p=0.7)) > neg
+    np.testing.assert_array_equal(kept_p, [[False, True, False, True, False]])
+
+
+@pytest.mark.parametrize("top_k,top_p", [(3, None), (None, 0.5), (5, 0.8)])
+def test_samples_never_leave_the_allowed_set(models, top_k, top_p):
+    _, model = models
+    ids, mask = left_padded_prompts([6, 3, 8, 5])
+    tokens = gen.generate(model, ids, mask, max_new_tokens=20, temperature=2.0, top_k=top_k,
+                          top_p=top_p, seed=3)
+    # Teacher-force the sampled continuation and check each token against the filter applied
+    # to the logits that chose it.
+    full_ids = np.concatenate([ids, tokens], axis=1)
+    full_mask = np.concatenate([mask, np.ones_like(tokens)], axis=1)
+    logits = np.asarray(model(full_ids, full_mask))[:, ids.shape[1] - 1:-1] / 2.0
+    allowed = np.asarray(gen.filter_logits(logits, top_k=top_k, top_p=top_p))
+    chosen = np.take_along_axis(allowed, tokens[..., None], axis=-1)[..., 0]
+    assert (chosen > np.finfo(np.float32).min).all()
+
+
+def test_compiles_once_per_prompt_bucket(models):
+    _, model = models
+    gen._generate_jit.clear_cache()
+    for lengths in ([5, 9], [3, 12], [7, 7]):  # all in the 64-token bucket
+        gen.generate(model, *left_padded_prompts(lengths), max_new_tokens=4)
+    assert gen._generate_jit._cache_size() == 1
+    gen.generate(model, *left_padded_prompts([70, 2]), max_new_tokens=4)
+    assert gen._generate_jit._cache_size() == 2
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(max_new_tokens=124), "exceeds the model's 128 positions"),
+    (dict(max_new_tokens=4, top_k=0), "top_k"),
+    (dict(max_new_tokens=4, top_p=1.5), "top_p"),
+    (dict(max_new_tokens=4, temperature=-1.0), "temperature"),
+])
+def test_bad_requests_raise_one_line_errors(models, kwargs, message):
+    _, model = models
+    with pytest.raises(UserError, match=message):
+        gen.generate(model, *left_padded_prompts([5]), **kwargs)
