@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from jaxsftdpo.errors import UserError
 from jaxsftdpo.models.layers import (KVCache, LayerNorm, Linear, attention, attention_mask_for,
@@ -125,22 +126,20 @@ class Attention(nnx.Module):
         self.resid_pdrop = cfg.resid_pdrop
 
     def __call__(self, x, mask, cache_kv, rng):
-        """`cache_kv` is None, or `(keys, values, layer, index)` to write this layer's k/v into."""
+        """`cache_kv` is None, or this layer's `(keys, values, index)` to write k/v into."""
         b, t, d = x.shape
         rngs = split_rng(rng, 4)
         q, k, v = jnp.split(self.c_attn(x, rngs[0]), 3, axis=-1)
-        q, k, v = (a.reshape(b, t, self.n_head, d // self.n_head) for a in (q, k, v))
+        q, k, v = (a.reshape(b, t, self.n_head, d // self.n_head).transpose(0, 2, 1, 3)
+                   for a in (q, k, v))
         if cache_kv is not None:
-            keys, values, layer, index = cache_kv
-            keys = jax.lax.dynamic_update_slice(keys, k[None].astype(keys.dtype),
-                                                (layer, 0, index, 0, 0))
-            values = jax.lax.dynamic_update_slice(values, v[None].astype(values.dtype),
-                                                  (layer, 0, index, 0, 0))
-            k, v = keys[layer], values[layer]
-            cache_kv = (keys, values)
+            keys, values, index = cache_kv
+            k = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), (0, 0, index, 0))
+            v = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), (0, 0, index, 0))
+            cache_kv = (k, v)
         y = attention(q, k, v, mask, scale=self.scale, dropout_rate=self.attn_pdrop,
                       dropout_rng=rngs[1])
-        y = self.c_proj(y.reshape(b, t, d), rngs[2])
+        y = self.c_proj(y.transpose(0, 2, 1, 3).reshape(b, t, d), rngs[2])
         return dropout(y, self.resid_pdrop, rngs[3]), cache_kv
 
 
@@ -219,8 +218,7 @@ class GPT2(nnx.Module):
         slots_valid = jax.lax.dynamic_update_slice(cache.valid, valid.astype(bool),
                                                    (0, cache.index))
         mask = attention_mask_for(slots_valid, t, cache.index)
-        logits, (keys, values) = self._forward(
-            input_ids, position_ids, mask, (cache.keys, cache.values, cache.index), None)
+        logits, (keys, values) = self._forward(input_ids, position_ids, mask, cache, None)
         return logits, KVCache(keys, values, slots_valid, cache.index + t)
 
     def _forward(self, input_ids, position_ids, mask, cache, rng):
@@ -228,17 +226,21 @@ class GPT2(nnx.Module):
         rngs = split_rng(rng, c.n_layer + 1)
         x = self.wte(input_ids) + self.wpe(position_ids)
         x = dropout(x, c.embd_pdrop, rngs[-1])
+        keys, values = [], []
         for i, block in enumerate(self.h):
-            cache_kv = None if cache is None else (cache[0], cache[1], i, cache[2])
+            cache_kv = None if cache is None else (cache.keys[i], cache.values[i], cache.index)
             x, new_kv = block(x, mask, cache_kv, rngs[i])
             if cache is not None:
-                cache = (new_kv[0], new_kv[1], cache[2])
+                keys.append(new_kv[0])
+                values.append(new_kv[1])
         x = self.ln_f(x)
         logits = self.wte.attend(x.astype(c.dtype)).astype(jnp.float32)
-        return logits, (None if cache is None else cache[:2])
+        return logits, (tuple(keys), tuple(values))
 
 
 # ---- Hugging Face key map -------------------------------------------------------------------
+
+Config = GPT2Config  # the family's config class, as `jaxsftdpo.models.hf` looks it up
 
 _HF_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 # Keys a GPT-2 checkpoint may hold that carry no parameter of ours.
@@ -261,3 +263,24 @@ def from_hf(path: tuple, array):
 
 def build(config: GPT2Config, seed: int = 0) -> GPT2:
     return GPT2(config, rngs=nnx.Rngs(seed))
+
+
+# ---- Partition rules: (regex over the dotted parameter path, PartitionSpec) -----------------
+# Column-parallel into attention and the MLP, row-parallel out of them (Megatron style); every
+# weight's other dimension is split over 'fsdp'. A LoRA adapter shares its kernel's input split
+# (lora_a) or output split (lora_b) and keeps the small rank dimension whole.
+_COLUMN = r"h\.\d+\.(attn\.c_attn|mlp\.c_fc)"
+_ROW = r"h\.\d+\.(attn\.c_proj|mlp\.c_proj)"
+PARTITION_RULES = (
+    (r"wte\.embedding", P(None, ("fsdp", "tensor"))),
+    (r"wpe\.embedding", P(None, ("fsdp", "tensor"))),
+    (_COLUMN + r"\.kernel", P("fsdp", "tensor")),
+    (_COLUMN + r"\.bias", P("tensor")),
+    (_COLUMN + r"\.lora\.lora_a", P("fsdp", None)),
+    (_COLUMN + r"\.lora\.lora_b", P(None, "tensor")),
+    (_ROW + r"\.kernel", P("tensor", "fsdp")),
+    (_ROW + r"\.bias", P(None)),
+    (_ROW + r"\.lora\.lora_a", P("tensor", None)),
+    (_ROW + r"\.lora\.lora_b", P(None, "fsdp")),
+    (r"(h\.\d+\.ln_[12]|ln_f)\.(scale|bias)", P(None)),
+)
