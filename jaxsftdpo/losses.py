@@ -1,0 +1,149 @@
+"""SFT and DPO losses as pure JAX functions, shared by the jit and the pmap train steps.
+
+Batch conventions: `input_ids [B,T] int32`; `loss_mask [B,T] bool`, True on completion tokens
+(the ones to predict); logits `[B,T,V]` from `model(input_ids, attention_mask)`, where the
+logit at position t predicts token t+1. Functions shift internally, so token t is scored by
+`logits[:, t-1]` and position 0 is never scored, whatever `loss_mask[:, 0]` says.
+
+Losses return `(sum, count)` pairs, not means: gradient accumulation and data-parallel
+reduction add sums and counts separately and divide once, which keeps them exact.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxsftdpo.errors import UserError
+
+DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
+_SMOOTHED_LOSS_TYPES = ("sigmoid", "robust")
+
+
+def _scored_mask(loss_mask: jax.Array) -> jax.Array:
+    """`[B,T]` bool: `loss_mask` with position 0, which has no preceding logit, cleared."""
+    return jnp.asarray(loss_mask, bool).at[:, 0].set(False)
+
+
+def token_logprobs(logits: jax.Array, input_ids: jax.Array) -> jax.Array:
+    """`[B,T]` float32 log-probability of each token under the logit before it; 0 at position 0.
+
+    `logits [B,T,V]` (any float dtype, computed in float32), `input_ids [B,T]` int. The
+    log-softmax is taken as `logit[token] - logsumexp(logits)`, so no `[B,T,V]` one-hot or
+    log-softmax array beyond the float32 logits is materialised.
+    """
+    logits = logits[:, :-1].astype(jnp.float32)
+    targets = input_ids[:, 1:, None].astype(jnp.int32)
+    picked = jnp.take_along_axis(logits, targets, axis=-1)[..., 0]
+    logps = picked - jax.nn.logsumexp(logits, axis=-1)
+    return jnp.pad(logps, ((0, 0), (1, 0)))
+
+
+def sequence_logprobs(logits: jax.Array, input_ids: jax.Array,
+                      loss_mask: jax.Array) -> jax.Array:
+    """`[B]` float32: sum (not mean, as DPO uses) of completion-token log-probabilities."""
+    logps = token_logprobs(logits, input_ids)
+    return jnp.where(_scored_mask(loss_mask), logps, 0.0).sum(-1)
+
+
+def sft_loss(logits: jax.Array, input_ids: jax.Array,
+             loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`(nll_sum, token_count)`, float32 scalars: cross-entropy summed over completion tokens.
+
+    The mean cross-entropy is `nll_sum / token_count` once both are summed over all
+    micro-batches and devices.
+    """
+    mask = _scored_mask(loss_mask)
+    logps = token_logprobs(logits, input_ids)
+    return -jnp.where(mask, logps, 0.0).sum(), mask.sum().astype(jnp.float32)
+
+
+def split_chosen_rejected(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Split a `[2B, ...]` array, chosen rows first, into `(chosen [B, ...], rejected [B, ...])`."""
+    n = x.shape[0]
+    if n % 2:
+        raise ValueError(f"leading axis {n} is odd; expected chosen and rejected rows, 2B")
+    return x[: n // 2], x[n // 2:]
+
+
+def dpo_sft_term(logits: jax.Array, input_ids: jax.Array,
+                 loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`(nll_sum, chosen_token_count)`: the SFT loss on the chosen half of a DPO batch.
+
+    Takes the concatenated `[2B,...]` forward (chosen rows first) and masks out the rejected
+    rows, so the log-softmax is the same computation as `sequence_logprobs` on the full
+    batch and XLA computes it once. This is TRL's `rpo_alpha` term; the step combines it as
+    `total = dpo_loss_sum / pairs + weight * nll_sum / chosen_tokens`, each sum and count
+    reduced over micro-batches and devices first.
+    """
+    chosen_rows = jnp.arange(loss_mask.shape[0])[:, None] < loss_mask.shape[0] // 2
+    return sft_loss(logits, input_ids, jnp.asarray(loss_mask, bool) & chosen_rows)
+
+
+def check_dpo_options(loss_type: str, *, beta: float, label_smoothing: float) -> None:
+    """Raise `UserError` unless `loss_type` is known, `beta > 0` and `label_smoothing` suits it.
+
+    Python values only (config time, or trace time inside `dpo_loss`), not traced arrays.
+    """
+    if loss_type not in DPO_LOSS_TYPES:
+        raise UserError(f"unknown DPO loss_type {loss_type!r}; choose one of "
+                        f"{', '.join(DPO_LOSS_TYPES)}")
+    if not beta > 0:
+        raise UserError(f"DPO beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise UserError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if label_smoothing and loss_type not in _SMOOTHED_LOSS_TYPES:
+        raise UserError(f"label_smoothing applies only to loss_type "
+                        f"{' or '.join(_SMOOTHED_LOSS_TYPES)}, not {loss_type!r}; set it to 0")
+
+
+def dpo_loss(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array,
+             ref_chosen_logps: jax.Array, ref_rejected_logps: jax.Array, *, beta: float,
+             loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+             ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """`(loss_sum, pair_count, metrics_sums)` for `[B]` sequence log-probabilities.
+
+    With `z = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)` and
+    `ls = label_smoothing`, the per-pair loss is
+      sigmoid: `-log_sigmoid(beta*z)*(1-ls) - log_sigmoid(-beta*z)*ls`
+      robust:  `(-log_sigmoid(beta*z)*(1-ls) + log_sigmoid(-beta*z)*ls) / (1-2*ls)`
+      hinge:   `relu(1 - beta*z)`
+      ipo:     `(z - 1/(2*beta))**2`
+    summed over pairs. All types use the log-probabilities as given; the caller passes summed
+    ones (`sequence_logprobs`). TRL's IPO instead averages per token, which corresponds to
+    passing `sequence_logprobs / completion_token_count` here.
+
+    `metrics_sums` holds sums over pairs, named as TRL names them (divide by the pair count):
+    `rewards/chosen`, `rewards/rejected` (`beta * (policy - ref)`), `rewards/margins`,
+    `rewards/accuracies` (pairs with chosen reward > rejected reward), `logps/chosen`,
+    `logps/rejected` (policy). Metrics carry no gradient.
+
+    Raises `UserError` for an unknown `loss_type`, `beta <= 0`, or `label_smoothing` outside
+    [0, 0.5) or non-zero for hinge or ipo.
+    """
+    check_dpo_options(loss_type, beta=beta, label_smoothing=label_smoothing)
+    ls = label_smoothing
+    z = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
+    if loss_type == "sigmoid":
+        losses = -jax.nn.log_sigmoid(beta * z) * (1 - ls) - jax.nn.log_sigmoid(-beta * z) * ls
+    elif loss_type == "robust":
+        losses = ((-jax.nn.log_sigmoid(beta * z) * (1 - ls)
+                   + jax.nn.log_sigmoid(-beta * z) * ls) / (1 - 2 * ls))
+    elif loss_type == "hinge":
+        losses = jax.nn.relu(1 - beta * z)
+    else:
+        losses = (z - 1 / (2 * beta)) ** 2
+
+    sg = jax.lax.stop_gradient
+    chosen_rewards = beta * sg(policy_chosen_logps - ref_chosen_logps)
+    rejected_rewards = beta * sg(policy_rejected_logps - ref_rejected_logps)
+    metrics = {
+        "rewards/chosen": chosen_rewards.sum(),
+        "rewards/rejected": rejected_rewards.sum(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).astype(jnp.float32).sum(),
+        "logps/chosen": sg(policy_chosen_logps).sum(),
+        "logps/rejected": sg(policy_rejected_logps).sum(),
+    }
+    pair_count = jnp.asarray(z.shape[0], jnp.float32)
+    return losses.sum(), pair_count, metrics

@@ -1,0 +1,232 @@
+"""Losses against plain-math transcriptions, numpy log-softmax and torch cross-entropy."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from jaxsftdpo.errors import UserError
+from jaxsftdpo.losses import (dpo_loss, dpo_sft_term, sequence_logprobs, sft_loss,
+                              split_chosen_rejected, token_logprobs)
+
+B, T, V = 4, 7, 11
+BETA = 0.3
+
+
+def _sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def _log_sigmoid(x):
+    return -np.log1p(np.exp(-x))
+
+
+# Per-pair loss and its derivative in z = (pc - pr) - (rc - rr), written out by hand.
+def _reference(loss_type, z, b, ls):
+    if loss_type == "sigmoid":
+        loss = -_log_sigmoid(b * z) * (1 - ls) - _log_sigmoid(-b * z) * ls
+        dz = -b * (1 - ls) * _sigmoid(-b * z) + b * ls * _sigmoid(b * z)
+    elif loss_type == "robust":
+        loss = (-_log_sigmoid(b * z) * (1 - ls) + _log_sigmoid(-b * z) * ls) / (1 - 2 * ls)
+        dz = -b * ((1 - ls) * _sigmoid(-b * z) + ls * _sigmoid(b * z)) / (1 - 2 * ls)
+    elif loss_type == "hinge":
+        loss = np.maximum(0.0, 1 - b * z)
+        dz = np.where(1 - b * z > 0, -b, 0.0)
+    else:
+        loss = (z - 1 / (2 * b)) ** 2
+        dz = 2 * (z - 1 / (2 * b))
+    return loss, dz
+
+
+def _logps():
+    rng = np.random.default_rng(0)
+    # Large spread so hinge has pairs on both sides of its kink.
+    return [(-rng.uniform(5, 40, size=8)).astype(np.float32) for _ in range(4)]
+
+
+@pytest.mark.parametrize("loss_type,ls", [
+    ("sigmoid", 0.0), ("sigmoid", 0.1), ("sigmoid", 0.4),
+    ("robust", 0.0), ("robust", 0.2), ("robust", 0.45),
+    ("hinge", 0.0), ("ipo", 0.0),
+])
+def test_dpo_loss_and_grads_match_formula(loss_type, ls):
+    pc, pr, rc, rr = _logps()
+    z = (pc.astype(np.float64) - pr) - (rc - rr)
+    want_loss, dz = _reference(loss_type, z, BETA, ls)
+
+    def total(*logps):
+        return dpo_loss(*logps, beta=BETA, loss_type=loss_type, label_smoothing=ls)[0]
+
+    loss = total(pc, pr, rc, rr)
+    grads = jax.grad(total, argnums=(0, 1, 2, 3))(pc, pr, rc, rr)
+    np.testing.assert_allclose(loss, want_loss.sum(), rtol=1e-5)
+    for g, sign in zip(grads, (1, -1, -1, 1)):
+        np.testing.assert_allclose(g, sign * dz, rtol=1e-5, atol=1e-6)
+    if loss_type == "hinge":
+        assert 0 < (1 - BETA * z > 0).sum() < len(z)
+
+
+def test_sigmoid_with_reference_equal_to_policy_is_log2_and_zero_rewards():
+    pc, pr, _, _ = _logps()
+    loss, pairs, m = dpo_loss(pc, pr, pc, pr, beta=BETA)
+    assert pairs == len(pc)
+    assert abs(loss / pairs - math.log(2)) < 1e-6
+    for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        assert m[k] == 0.0
+
+
+def test_dpo_metrics_on_known_inputs():
+    pc = jnp.array([-1.0, -2.0, -3.0])
+    pr = jnp.array([-2.0, -1.0, -3.0])
+    zero = jnp.zeros(3)
+    _, pairs, m = dpo_loss(pc, pr, zero, zero, beta=0.5)
+    want = {
+        "rewards/chosen": 0.5 * -6.0,
+        "rewards/rejected": 0.5 * -6.0,
+        "rewards/margins": 0.0,
+        "rewards/accuracies": 1.0,  # only the first pair has chosen reward > rejected
+        "logps/chosen": -6.0,
+        "logps/rejected": -6.0,
+    }
+    assert set(m) == set(want)
+    for k, v in want.items():
+        np.testing.assert_allclose(m[k], v, err_msg=k)
+    assert m["rewards/accuracies"] / pairs == pytest.approx(1 / 3)
+
+
+def test_dpo_metrics_carry_no_gradient():
+    pc, pr, rc, rr = _logps()
+    g = jax.grad(lambda x: sum(dpo_loss(x, pr, rc, rr, beta=BETA)[2].values()))(pc)
+    assert not np.any(g)
+
+
+def _batch(seed=0):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(B, T, V)).astype(np.float32) * 3
+    ids = rng.integers(0, V, size=(B, T)).astype(np.int32)
+    # Rows: prompt then completion then padding; row 0 claims position 0 as completion.
+    loss_mask = np.zeros((B, T), bool)
+    for b, (start, end) in enumerate([(0, 4), (2, 7), (3, 5), (1, 6)]):
+        loss_mask[b, start:end] = True
+    return logits, ids, loss_mask
+
+
+def _np_token_logprobs(logits, ids):
+    x = logits.astype(np.float64)
+    logsm = x - x.max(-1, keepdims=True)
+    logsm = logsm - np.log(np.exp(logsm).sum(-1, keepdims=True))
+    out = np.zeros(ids.shape)
+    for b in range(ids.shape[0]):
+        for t in range(1, ids.shape[1]):
+            out[b, t] = logsm[b, t - 1, ids[b, t]]
+    return out
+
+
+def test_token_and_sequence_logprobs_match_numpy():
+    logits, ids, mask = _batch()
+    want = _np_token_logprobs(logits, ids)
+    got = token_logprobs(jnp.asarray(logits), ids)
+    assert got.dtype == jnp.float32 and got.shape == (B, T)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert not np.any(got[:, 0])
+    scored = mask.copy()
+    scored[:, 0] = False
+    np.testing.assert_allclose(sequence_logprobs(logits, ids, mask),
+                               (want * scored).sum(-1), rtol=1e-5)
+
+
+def test_bf16_logits_are_scored_in_float32():
+    logits, ids, _ = _batch()
+    got = token_logprobs(jnp.asarray(logits, jnp.bfloat16), ids)
+    want = _np_token_logprobs(np.asarray(jnp.asarray(logits, jnp.bfloat16), np.float32), ids)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_sft_loss_matches_numpy_and_ignores_prompt_padding_and_position_0():
+    logits, ids, mask = _batch()
+    nll, count = sft_loss(logits, ids, mask)
+    scored = mask.copy()
+    scored[:, 0] = False
+    assert count.dtype == jnp.float32 and count == scored.sum()
+    np.testing.assert_allclose(nll, -(_np_token_logprobs(logits, ids) * scored).sum(), rtol=1e-5)
+
+    # Changing anything the mask does not score (prompt/padding targets, the logits that
+    # predict them, and token 0) leaves the loss unchanged.
+    rng = np.random.default_rng(1)
+    unscored_target = ~scored
+    ids2 = np.where(unscored_target, rng.integers(0, V, size=ids.shape), ids).astype(np.int32)
+    unused_logit = np.zeros((B, T), bool)
+    unused_logit[:, :-1] = unscored_target[:, 1:]
+    unused_logit[:, -1] = True
+    logits2 = np.where(unused_logit[..., None], rng.normal(size=logits.shape) * 5, logits)
+    nll2, count2 = sft_loss(logits2.astype(np.float32), ids2, mask)
+    np.testing.assert_allclose(nll2, nll, rtol=1e-6)
+    assert count2 == count
+
+
+def test_sft_loss_half_batches_add_up_to_full_batch():
+    logits, ids, mask = _batch()
+    full = sft_loss(logits, ids, mask)
+    a = sft_loss(logits[:2], ids[:2], mask[:2])
+    b = sft_loss(logits[2:], ids[2:], mask[2:])
+    np.testing.assert_allclose(a[0] + b[0], full[0], rtol=1e-6)
+    assert a[1] + b[1] == full[1]
+
+    # The same reduction inside a pmap step over two devices.
+    shard = lambda x: x.reshape(2, B // 2, *x.shape[1:])
+    step = jax.pmap(lambda *x: jax.lax.psum(sft_loss(*x), "d"), axis_name="d",
+                    devices=jax.devices()[:2])
+    nll, count = step(shard(logits), shard(ids), shard(mask))
+    np.testing.assert_allclose(nll[0], full[0], rtol=1e-6)
+    assert count[0] == full[1]
+
+
+def test_sft_loss_matches_torch_cross_entropy():
+    logits, ids, mask = _batch()
+    nll, count = sft_loss(logits, ids, mask)
+    sel = torch.from_numpy(mask[:, 1:])  # targets 1..T-1; token 0 is never a target
+    want = torch.nn.functional.cross_entropy(torch.from_numpy(logits[:, :-1])[sel],
+                                             torch.from_numpy(ids[:, 1:]).long()[sel])
+    np.testing.assert_allclose(nll / count, want.item(), rtol=1e-5)
+
+
+def test_split_chosen_rejected_and_dpo_sft_term():
+    logits, ids, mask = _batch()
+    chosen, rejected = split_chosen_rejected(jnp.arange(2 * 3 * 5).reshape(6, 5))
+    np.testing.assert_array_equal(chosen, np.arange(15).reshape(3, 5))
+    np.testing.assert_array_equal(rejected, np.arange(15, 30).reshape(3, 5))
+    with pytest.raises(ValueError):
+        split_chosen_rejected(jnp.zeros((3, 2)))
+
+    got = dpo_sft_term(logits, ids, mask)
+    want = sft_loss(*(split_chosen_rejected(jnp.asarray(x))[0] for x in (logits, ids, mask)))
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    assert got[1] == want[1]
+
+
+def test_dpo_loss_jit():
+    pc, pr, rc, rr = _logps()
+    step = jax.jit(lambda *x: dpo_loss(*x, beta=BETA, loss_type="robust", label_smoothing=0.1))
+    np.testing.assert_allclose(step(pc, pr, rc, rr)[0],
+                               dpo_loss(pc, pr, rc, rr, beta=BETA, loss_type="robust",
+                                        label_smoothing=0.1)[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(loss_type="kto"), "sigmoid, robust, hinge, ipo"),
+    (dict(label_smoothing=0.5), r"\[0, 0.5\)"),
+    (dict(label_smoothing=-0.1), r"\[0, 0.5\)"),
+    (dict(loss_type="robust", label_smoothing=0.5), r"\[0, 0.5\)"),
+    (dict(loss_type="hinge", label_smoothing=0.1), "applies only"),
+    (dict(loss_type="ipo", label_smoothing=0.1), "applies only"),
+    (dict(beta=0.0), "beta"),
+])
+def test_bad_dpo_options_raise_user_error(kwargs, match):
+    x = jnp.zeros(2)
+    kwargs = {"beta": BETA, **kwargs}
+    with pytest.raises(UserError, match=match):
+        dpo_loss(x, x, x, x, **kwargs)
