@@ -37,7 +37,7 @@ PICKLE_FILE = "pytorch_model.bin"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 
 # `shardings` argument of `from_pretrained`: parameter path -> where that parameter lives.
-ShardingFn = Callable[[tuple], jax.sharding.Sharding]
+ShardingFn = Callable[[tuple, tuple], jax.sharding.Sharding]
 
 _SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -54,8 +54,8 @@ def from_pretrained(name_or_path: str | os.PathLike, *, dtype=jnp.float32,
                     allow_pickle: bool = False, revision: str | None = None) -> nnx.Module:
     """Load a Hugging Face causal LM from a local directory or a hub id.
 
-    `shardings(path)` gives the `jax.sharding.Sharding` of the parameter at nnx state path
-    `path` (e.g. `('h', 0, 'attn', 'c_attn', 'kernel')`); without it every parameter goes to
+    `shardings(path, shape)` gives the `jax.sharding.Sharding` of the parameter at nnx state
+    path `path` (e.g. `('h', 0, 'attn', 'c_attn', 'kernel')`) of that shape; without it every parameter goes to
     the first device. Weights are cast to `param_dtype`; `dtype` is the compute dtype.
     `allow_pickle` permits `pytorch_model.bin`, which can run code when loaded (needs torch).
     """
@@ -70,7 +70,7 @@ def from_pretrained(name_or_path: str | os.PathLike, *, dtype=jnp.float32,
     def load(path, variable):
         host, target = host_arrays[path], variable.get_value()
         value = jax.make_array_from_callback(
-            target.shape, sharding_of(path),
+            target.shape, sharding_of(path, target.shape),
             lambda index: np.array(host[index], dtype=target.dtype))
         return variable.replace(value)
 
@@ -288,7 +288,7 @@ def _listing(names: list[str]) -> str:
     return f"{len(names)} tensor(s): {shown}{more}"
 
 
-def _first_device(path: tuple) -> jax.sharding.Sharding:
+def _first_device(path: tuple, shape: tuple) -> jax.sharding.Sharding:
     return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
