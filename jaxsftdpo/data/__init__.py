@@ -1,0 +1,1 @@
+"""Data: tokenizers, task loaders and the batching that turns examples into fixed-shape arrays."""
