@@ -1,0 +1,112 @@
+"""The run configuration: every key with its default, and validation that fails fast.
+
+Config files (`configs/*.py`) start from `base_config()`, change what they need, and return the
+locked result, so `--config.some.key=value` overrides of a key that does not exist fail at once.
+"""
+
+from __future__ import annotations
+
+import ml_collections as mlc
+
+from jaxsftdpo.errors import UserError
+
+STAGE_KINDS = ("sft", "dpo")
+PARAMS = ("fft", "lora")
+REFERENCES = ("frozen_copy", "precomputed", "none")
+SCHEDULES = ("constant", "linear", "cosine")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def stage(kind: str, *, epochs: int = 0, steps: int = 0, learning_rate: float = 1e-4,
+          schedule: str = "constant", warmup_steps: int = 0, batch_size: int = 8,
+          grad_accum: int = 1, weight_decay: float = 0.0, max_grad_norm: float = 1.0
+          ) -> mlc.ConfigDict:
+    """One training stage; it runs `steps` optimizer steps if > 0, else `epochs` epochs."""
+    return mlc.ConfigDict(dict(
+        kind=kind, epochs=epochs, steps=steps, learning_rate=learning_rate, schedule=schedule,
+        warmup_steps=warmup_steps, batch_size=batch_size, grad_accum=grad_accum,
+        weight_decay=weight_decay, max_grad_norm=max_grad_norm))
+
+
+def base_config() -> mlc.ConfigDict:
+    c = mlc.ConfigDict()
+    c.seed = 0
+
+    c.model = mlc.ConfigDict()
+    c.model.name_or_path = ""          # local HF dir or hub id; "" builds `model.init` from scratch
+    c.model.init = mlc.ConfigDict(dict(model_type="gpt2", vocab_size=257, n_positions=128,
+                                       n_embd=64, n_layer=2, n_head=4))
+    c.model.init_seed = 0
+    c.model.dtype = "float32"          # compute dtype; parameters and optimizer stay float32
+    c.model.tokenizer = ""             # "" = the model's own; "bytes" = byte-level
+    c.model.dropout = True             # the checkpoint's dropout in SFT; DPO never uses dropout
+    c.model.allow_pickle = False
+
+    c.data = mlc.ConfigDict()
+    c.data.task = "yes_no"             # yes_no: the package's own synthetic task
+    c.data.train = ""
+    c.data.dev = ""
+    c.data.n_train = 2048
+    c.data.n_dev = 256
+    c.data.max_length = 0              # 0 = the model's limit
+    c.data.truncate = False            # False: a too-long sequence is an error
+    c.data.eval_batch_size = 64
+
+    c.stages = [stage("sft", epochs=1)]
+
+    c.param = mlc.ConfigDict(dict(kind="fft", r=8, alpha=16.0, dropout=0.0,
+                                  target_modules="all-linear", use_rslora=False))
+
+    c.dpo = mlc.ConfigDict(dict(beta=0.1, loss_type="sigmoid", label_smoothing=0.0,
+                                sft_weight=0.0, reference="frozen_copy", reference_path=""))
+
+    c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+    c.log_every = 10
+    c.eval_every = 0                   # 0 = at the end of every epoch
+    c.checkpoint_every = 100           # steps; a checkpoint is also written at each stage's end
+    c.keep_checkpoints = 2
+    c.progress = True
+    return c
+
+
+def validate(c: mlc.ConfigDict) -> None:
+    """Raise UserError on contradictory or out-of-range settings (types are checked by flags)."""
+    def need(ok: bool, message: str):
+        if not ok:
+            raise UserError(message)
+
+    need(len(c.stages) > 0, "config.stages is empty; give at least one stage, e.g. "
+                            "[stage('sft', epochs=1)]")
+    for i, s in enumerate(c.stages):
+        where = f"config.stages[{i}]"
+        need(s.kind in STAGE_KINDS, f"{where}.kind={s.kind!r}; use one of {STAGE_KINDS}")
+        need((s.epochs > 0) != (s.steps > 0),
+             f"{where} needs exactly one of epochs > 0 or steps > 0 (got epochs={s.epochs}, "
+             f"steps={s.steps})")
+        need(s.batch_size > 0 and s.grad_accum > 0,
+             f"{where}.batch_size and grad_accum must be positive")
+        need(s.schedule in SCHEDULES, f"{where}.schedule={s.schedule!r}; use one of {SCHEDULES}")
+        need(s.learning_rate > 0, f"{where}.learning_rate must be positive")
+    need(c.param.kind in PARAMS, f"config.param.kind={c.param.kind!r}; use one of {PARAMS}")
+    if c.param.kind == "lora":
+        need(c.param.r > 0, f"config.param.r must be positive; got {c.param.r}")
+    need(c.dpo.reference in REFERENCES,
+         f"config.dpo.reference={c.dpo.reference!r}; use one of {REFERENCES}")
+    need(c.model.dtype in DTYPES, f"config.model.dtype={c.model.dtype!r}; use one of {DTYPES}")
+    for axis in ("data", "fsdp", "tensor"):
+        size = c.mesh[axis]
+        need(size == -1 or size > 0, f"config.mesh.{axis}={size}; use a positive size or -1")
+    need(sum(c.mesh[a] == -1 for a in ("data", "fsdp", "tensor")) <= 1,
+         "at most one config.mesh axis may be -1 (the rest of the devices)")
+    need(c.model.name_or_path or c.model.init.get("model_type"),
+         "set config.model.name_or_path, or config.model.init for a model built from scratch")
+    from jaxsftdpo.losses import check_dpo_options
+    if any(s.kind == "dpo" for s in c.stages):
+        check_dpo_options(c.dpo.loss_type, beta=c.dpo.beta, label_smoothing=c.dpo.label_smoothing)
+
+
+def finalize(c: mlc.ConfigDict) -> mlc.ConfigDict:
+    """Lock a config file's result so unknown override keys fail."""
+    c.lock()
+    return c
