@@ -1,12 +1,19 @@
 """Tasks: where a run's examples come from and how its model is scored.
 
-A task gives SFT examples (`prompt`/`completion`), preference pairs (`prompt`/`chosen`/
-`rejected`) and `evaluate(logits_fn)`. Cloze tasks (the quickstart's yes/no task; the study's
-paraphrase task follows the same shape) predict the answer whose first token has the larger
-logit after the prompt, and report accuracy and macro F1.
+A task gives SFT examples (`sft_examples()`: `prompt`/`completion` dicts), preference pairs
+(`preference_pairs(policy)`: `prompt`/`chosen`/`rejected` dicts; `policy` is the model at the
+hand-off, for tasks whose rejected answers are sampled from it, which say so with
+`PAIRS_NEED_POLICY = True`) and `evaluate(policy, batch_size) -> Evaluation`. `policy` is a
+`jaxsftdpo.policy.Policy`. Cloze tasks (the quickstart's yes/no task, the study's paraphrase
+task) predict the answer whose first token has the larger logit after the prompt, and report
+accuracy and macro F1.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -26,10 +33,23 @@ def accuracy_and_macro_f1(predicted: np.ndarray, gold: np.ndarray) -> dict:
     return {"accuracy": float(np.mean(predicted == gold)), "f1": float(np.mean(f1s))}
 
 
+class Evaluation(NamedTuple):
+    scores: dict          # name -> float, e.g. accuracy and f1, or chrf
+    examples: list        # one JSON-able dict per dev example (id, prediction, label, correct...)
+
+
+def write_examples(evaluation: Evaluation, path: Path) -> None:
+    """The per-example results of an evaluation as JSON lines (the study bootstraps over them)."""
+    with open(path, "w") as f:
+        for row in evaluation.examples:
+            f.write(json.dumps(row) + "\n")
+
+
 class ClozeTask:
     """Examples whose completion is one of a few answers, read from one token's logits."""
 
     name = "cloze"
+    PAIRS_NEED_POLICY = False
 
     def __init__(self, train: list[dict], dev: list[dict], answers: dict[int, str], tokenizer,
                  max_length: int):
@@ -43,31 +63,30 @@ class ClozeTask:
         prompts = batching.tokenize_prompts([e["prompt"] for e in dev], tokenizer, max_length)
         self.dev_prompts = prompts.items
         self.dev_labels = np.array([e["label"] for e in dev])
-        self.buckets = batching.default_buckets(max_length)
 
     def sft_examples(self) -> list[dict]:
         return self.train
 
-    def preference_pairs(self) -> list[dict]:
+    def preference_pairs(self, policy=None) -> list[dict]:
         return [{"prompt": e["prompt"], "chosen": self.answers[e["label"]],
                  "rejected": self.answers[self._other(e["label"])]} for e in self.train]
 
     def _other(self, label: int) -> int:
         return next(k for k in self.labels if k != label)
 
-    def evaluate(self, logits_fn, batch_size: int) -> dict:
-        """`logits_fn(batch) -> [B, V]` logits at each row's last prompt token."""
+    def evaluate(self, policy, batch_size: int) -> Evaluation:
+        """Predict the answer whose first token has the larger logit after each dev prompt."""
         if not self.dev_prompts:
-            return {}
-        predicted = []
-        for start in range(0, len(self.dev_prompts), batch_size):
-            rows = self.dev_prompts[start:start + batch_size]
-            batch = batching.prompt_batch(rows, batch_size, self.tokenizer.pad_token_id,
-                                          self.buckets, side="left")
-            logits = np.asarray(logits_fn(batch))[:len(rows)]
-            predicted.append(np.asarray(self.labels)[
-                np.argmax(logits[:, self.answer_ids], axis=-1)])
-        return accuracy_and_macro_f1(np.concatenate(predicted), self.dev_labels)
+            return Evaluation({}, [])
+        logits = policy.prompt_logits(self.dev_prompts, batch_size)[:, self.answer_ids]
+        predicted = np.asarray(self.labels)[np.argmax(logits, axis=-1)]
+        examples = [{"id": self.dev[i].get("id", i), "prediction": int(p),
+                     "label": int(g), "correct": int(p == g)}
+                    for i, (p, g) in enumerate(zip(predicted, self.dev_labels))]
+        return Evaluation(accuracy_and_macro_f1(predicted, self.dev_labels), examples)
+
+    def write_predictions(self, evaluation: Evaluation, workdir: Path) -> None:
+        write_examples(evaluation, Path(workdir) / "dev_predictions.jsonl")
 
 
 class YesNoTask(ClozeTask):

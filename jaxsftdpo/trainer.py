@@ -31,6 +31,7 @@ from jaxsftdpo.data.tokenizer import load_tokenizer
 from jaxsftdpo.errors import UserError
 from jaxsftdpo.reporting import MetricsWriter, plot_losses, results_table
 from jaxsftdpo.models import FAMILIES, from_pretrained
+from jaxsftdpo.policy import Policy
 from jaxsftdpo.tasks import make_task
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -128,6 +129,9 @@ def _tokenize_stages(config, task, tokenizer, max_length, mesh):
         if stage.batch_size % stage.grad_accum:
             raise UserError(f"{where}: batch_size {stage.batch_size} is not divisible by "
                             f"grad_accum {stage.grad_accum}")
+        if stage.kind == "dpo" and task.PAIRS_NEED_POLICY:
+            data.append(None)  # sampled from the policy at the hand-off (`_policy_pairs`)
+            continue
         if stage.kind not in cache:
             if stage.kind == "sft":
                 examples = task.sft_examples()
@@ -146,12 +150,41 @@ def _tokenize_stages(config, task, tokenizer, max_length, mesh):
                              f"prompt cut from the left, {tokenized.dropped} were dropped "
                              f"(longer than max_length={max_length})")
             cache[stage.kind] = tokenized.items
-        items = cache[stage.kind]
-        if batching.num_batches(len(items), stage.batch_size) == 0:
-            raise UserError(f"{where}: {len(items)} examples are fewer than batch_size "
-                            f"{stage.batch_size}; lower the batch size or add data")
-        data.append(items)
+        _check_enough(cache[stage.kind], stage, where)
+        data.append(cache[stage.kind])
     return data, notes
+
+
+def _check_enough(items, stage, where):
+    if batching.num_batches(len(items), stage.batch_size) == 0:
+        raise UserError(f"{where}: {len(items)} examples are fewer than batch_size "
+                        f"{stage.batch_size}; lower the batch size or add data")
+
+
+def _policy_pairs(run: Run, stage_idx: int, workdir: Path) -> list:
+    """Preference pairs whose rejected side the task samples from the hand-off policy.
+
+    They are written to the workdir once, so a resumed run trains on the very same pairs.
+    """
+    path = workdir / f"pairs_stage{stage_idx + 1}.jsonl"
+    if path.exists():
+        pairs = [json.loads(line) for line in path.read_text().splitlines()]
+    else:
+        pairs = run.task.preference_pairs(_policy(run, run.trainable))
+        if jax.process_index() == 0:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+            tmp.replace(path)
+    where = f"config.stages[{stage_idx}] (dpo)"
+    if not pairs:
+        raise UserError(f"{where}: the task produced no preference pairs from the policy")
+    tokenized = batching.tokenize_preferences(pairs, run.tokenizer, run.max_length,
+                                              strict=False)
+    if tokenized.truncated or tokenized.dropped:
+        print(f"dpo pairs: {tokenized.truncated} had their prompt cut from the left, "
+              f"{tokenized.dropped} were dropped (longer than max_length={run.max_length})")
+    _check_enough(tokenized.items, run.config.stages[stage_idx], where)
+    return tokenized.items
 
 
 # ---- the loop -------------------------------------------------------------------------------
@@ -197,12 +230,12 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str, *, stop_after_steps
     meta = resume.meta if resume else {"stage": 0, "stage_step": 0, "global_step": 0,
                                        "evals": []}
     if not resume:
-        meta["evals"].append({"after": "start", **_evaluate(run, run.trainable)})
-    steps_this_call = 0
+        meta["evals"].append({"after": "start", **_evaluate(run, run.trainable).scores})
+    steps_this_call, final = 0, None
     try:
         with _stop_on_signal() as stop:
             for stage_idx in range(meta["stage"], len(config.stages)):
-                stage_state = _stage_start(run, stage_idx, resume, meta)
+                stage_state = _stage_start(run, stage_idx, resume, meta, workdir)
                 resume = None
                 done = _run_stage(run, stage_idx, stage_state, meta, manager, writer, stop,
                                   stop_after_steps - steps_this_call if stop_after_steps else 0)
@@ -210,8 +243,9 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str, *, stop_after_steps
                 if meta["stage_step"] < stage_state.total:
                     raise _StopRequested
                 run.trainable = stage_state.state.trainable
+                final = _evaluate(run, run.trainable)
                 meta["evals"].append({"after": f"{stage_idx + 1}:{config.stages[stage_idx].kind}",
-                                      **_evaluate(run, run.trainable)})
+                                      **final.scores})
                 meta.update(stage=stage_idx + 1, stage_step=0)
                 manager.save(meta["global_step"], stage_state.state, stage_state.reference, meta)
     except _StopRequested:
@@ -220,8 +254,13 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str, *, stop_after_steps
         return {"stopped_at_step": meta["global_step"]}
     manager.wait()
     results = {"evals": meta["evals"], "final": meta["evals"][-1],
-               "global_step": meta["global_step"]}
+               "global_step": meta["global_step"],
+               "trainable_params": lora.count_params(run.trainable),
+               "total_params": lora.count_params(run.trainable) + lora.count_params(run.frozen)}
     if jax.process_index() == 0:
+        if final is None:  # resumed after the last stage had finished
+            final = _evaluate(run, run.trainable)
+        run.task.write_predictions(final, workdir)
         (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         table = results_table(meta["evals"])
         (workdir / "results.md").write_text(table + "\n")
@@ -250,15 +289,17 @@ class _Stage:
     dpo: object
 
 
-def _stage_start(run: Run, stage_idx: int, resume, meta) -> _Stage:
+def _stage_start(run: Run, stage_idx: int, resume, meta, workdir: Path) -> _Stage:
     config, stage = run.config, run.config.stages[stage_idx]
+    if resume is not None:
+        run.trainable = resume.params(run.trainable)
+    if run.stage_data[stage_idx] is None:
+        run.stage_data[stage_idx] = _policy_pairs(run, stage_idx, workdir)
     items = run.stage_data[stage_idx]
     steps_per_epoch = batching.num_batches(len(items), stage.batch_size)
     total = stage.steps or stage.epochs * steps_per_epoch
     tx, schedule = steps.make_optimizer(stage, total)
     mid_stage = resume is not None and meta["stage_step"] > 0
-    if resume is not None:
-        run.trainable = resume.params(run.trainable)
     opt_state = jax.jit(tx.init)(run.trainable)
     state = steps.TrainState(jnp.zeros((), jnp.int32), run.trainable, opt_state)
     dpo, reference = None, None
@@ -284,7 +325,7 @@ def _stage_start(run: Run, stage_idx: int, resume, meta) -> _Stage:
 def _precompute_reference(run: Run, items, stage) -> dict:
     """Reference log-probs of every pair, one pass; then no reference weights are kept."""
     chosen, rejected = np.zeros(len(items), np.float32), np.zeros(len(items), np.float32)
-    size = _eval_batch_size(run, stage.batch_size)
+    size = _policy(run, run.trainable).batch_size(stage.batch_size)
     buckets = batching.default_buckets(run.max_length)
     for batch in batching.batches_for_epoch(items, size, run.tokenizer.pad_token_id, buckets,
                                             shuffle=False, drop_last=False):
@@ -295,11 +336,6 @@ def _precompute_reference(run: Run, items, stage) -> dict:
         chosen[index[keep]] = np.asarray(c)[keep]
         rejected[index[keep]] = np.asarray(r)[keep]
     return {"chosen": chosen, "rejected": rejected}
-
-
-def _eval_batch_size(run: Run, wanted: int) -> int:
-    n = sharding.batch_divisor(run.mesh)
-    return -(-wanted // n) * n
 
 
 def _run_stage(run: Run, stage_idx: int, st: _Stage, meta, manager, writer, stop,
@@ -349,7 +385,7 @@ def _run_stage(run: Run, stage_idx: int, st: _Stage, meta, manager, writer, stop
                 last_log, tokens_since = now, 0.0
             if (config.eval_every and meta["stage_step"] % config.eval_every == 0) or (
                     not config.eval_every and finished_epoch):
-                scores = _evaluate(run, st.state.trainable)
+                scores = _evaluate(run, st.state.trainable).scores
                 writer.write({"stage": stage_idx + 1, "kind": stage.kind,
                               "step": meta["global_step"],
                               "epoch": meta["stage_step"] / st.steps_per_epoch,
@@ -366,10 +402,9 @@ def _run_stage(run: Run, stage_idx: int, st: _Stage, meta, manager, writer, stop
     return done
 
 
-def _evaluate(run: Run, trainable) -> dict:
-    size = _eval_batch_size(run, run.config.data.eval_batch_size)
+def _policy(run: Run, trainable) -> Policy:
+    return Policy(run.graphdef, trainable, run.frozen, run.tokenizer, run.mesh, run.max_length)
 
-    def logits_fn(batch):
-        return steps.last_token_logits(run.graphdef, trainable, run.frozen,
-                                       sharding.place_batch(batch, run.mesh))
-    return run.task.evaluate(logits_fn, size)
+
+def _evaluate(run: Run, trainable):
+    return run.task.evaluate(_policy(run, trainable), run.config.data.eval_batch_size)

@@ -1,0 +1,61 @@
+"""A model under training seen the way tasks use it: next-token logits after a prompt, and text
+continuations sampled from it.
+
+Tasks never see graphdefs, shardings or meshes; the trainer and `evaluate` hand them a `Policy`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flax import nnx
+
+from jaxsftdpo import sharding, steps
+from jaxsftdpo.data import batching
+from jaxsftdpo.generate import generate
+
+
+class Policy:
+    def __init__(self, graphdef, trainable, frozen, tokenizer, mesh, max_length: int):
+        self.graphdef, self.trainable, self.frozen = graphdef, trainable, frozen
+        self.tokenizer, self.mesh, self.max_length = tokenizer, mesh, max_length
+        self.buckets = batching.default_buckets(max_length)
+
+    def batch_size(self, wanted: int) -> int:
+        """`wanted` rounded up to a multiple of the data-parallel devices."""
+        n = sharding.batch_divisor(self.mesh)
+        return -(-wanted // n) * n
+
+    def last_token_logits(self, batch: dict) -> np.ndarray:
+        """`[B, V]` logits at each row's `last_index` of a `batching.prompt_batch`."""
+        return np.asarray(steps.last_token_logits(self.graphdef, self.trainable, self.frozen,
+                                                  sharding.place_batch(batch, self.mesh)))
+
+    def prompt_logits(self, prompts: list[np.ndarray], batch_size: int) -> np.ndarray:
+        """`[len(prompts), V]` next-token logits after each tokenized prompt."""
+        size = self.batch_size(batch_size)
+        out = []
+        for start in range(0, len(prompts), size):
+            rows = prompts[start:start + size]
+            batch = batching.prompt_batch(rows, size, self.tokenizer.pad_token_id, self.buckets)
+            out.append(self.last_token_logits(batch)[:len(rows)])
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+    def generate(self, prompts: list[str], *, max_new_tokens: int, temperature: float = 0.0,
+                 top_p: float | None = None, top_k: int | None = None, seed: int = 0,
+                 batch_size: int = 32) -> list[str]:
+        """One continuation per prompt (text after the prompt, up to the end-of-text token)."""
+        model = nnx.merge(self.graphdef, self.trainable, self.frozen)
+        eos = self.tokenizer.eos_token_id
+        encoded = [np.asarray(self.tokenizer.encode(p), np.int32) for p in prompts]
+        texts = []
+        for start in range(0, len(encoded), batch_size):
+            rows = encoded[start:start + batch_size]
+            ids, mask = batching.pad_sequences(rows, max(len(r) for r in rows),
+                                               self.tokenizer.pad_token_id, len(rows), "left")
+            new = generate(model, ids, mask, max_new_tokens=max_new_tokens,
+                           temperature=temperature, top_p=top_p, top_k=top_k,
+                           eos_token_id=eos, seed=seed + start)
+            for row in new:
+                ends = np.flatnonzero(row == eos)
+                texts.append(self.tokenizer.decode(row[:ends[0]] if ends.size else row))
+        return texts
