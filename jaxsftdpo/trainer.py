@@ -61,6 +61,25 @@ class Run:
 def prepare(config: mlc.ConfigDict) -> Run:
     validate(config)
     mesh = sharding.make_mesh(config.mesh)
+    family, model_config, graphdef, trainable, frozen = build_model(config, mesh)
+    tokenizer = load_tokenizer(config.model.tokenizer or config.model.name_or_path)
+    limit = model_config.max_length
+    max_length = config.data.max_length or limit
+    if max_length > limit:
+        raise UserError(f"config.data.max_length={max_length} exceeds the model's {limit} "
+                        f"positions; lower it to at most {limit}")
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                        f"{model_config.vocab_size}; use the model's own tokenizer")
+    task = make_task(config.data, tokenizer, max_length, config.seed)
+    stage_data, notes = _tokenize_stages(config, task, tokenizer, max_length, mesh)
+    return Run(config, mesh, family, graphdef, trainable, frozen, tokenizer, task, stage_data,
+               max_length, notes)
+
+
+def build_model(config: mlc.ConfigDict, mesh):
+    """`(family, model config, graphdef, trainable, frozen)` of the config's model on the mesh,
+    with LoRA adapters when `config.param.kind == 'lora'` (fresh ones: B = 0)."""
     family, model = _load_model(config, mesh)
     if config.param.kind == "lora":
         p = config.param
@@ -70,20 +89,7 @@ def prepare(config: mlc.ConfigDict) -> Run:
     graphdef, trainable, frozen = lora.split_trainable(model, config.param.kind)
     trainable = sharding.place_state(trainable, mesh, family.PARTITION_RULES)
     frozen = sharding.place_state(frozen, mesh, family.PARTITION_RULES)
-
-    tokenizer = load_tokenizer(config.model.tokenizer or config.model.name_or_path)
-    limit = model.config.max_length
-    max_length = config.data.max_length or limit
-    if max_length > limit:
-        raise UserError(f"config.data.max_length={max_length} exceeds the model's {limit} "
-                        f"positions; lower it to at most {limit}")
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                        f"{model.config.vocab_size}; use the model's own tokenizer")
-    task = make_task(config.data, tokenizer, max_length, config.seed)
-    stage_data, notes = _tokenize_stages(config, task, tokenizer, max_length, mesh)
-    return Run(config, mesh, family, graphdef, trainable, frozen, tokenizer, task, stage_data,
-               max_length, notes)
+    return family, model.config, graphdef, trainable, frozen
 
 
 def _targets(target_modules):
