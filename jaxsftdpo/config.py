@@ -51,6 +51,19 @@ def base_config() -> mlc.ConfigDict:
     c.data.max_length = 0              # 0 = the model's limit
     c.data.truncate = False            # False: a too-long sequence is an error
     c.data.eval_batch_size = 64
+    # paraphrase / sonnets / jsonl (jaxsftdpo.tasks):
+    c.data.test = ""                   # test inputs: predictions written, never scored
+    c.data.dev_references = ""         # sonnets: the full dev sonnets that chrF scores against
+    c.data.hub_dataset = ""            # "name" or "name:subset" on the hub instead of files
+    c.data.hub_train_split = "train"
+    c.data.hub_dev_split = "validation"
+    c.data.scale = 1.0                 # fraction of the training examples kept (seeded subset)
+    c.data.temperature = 1.2           # sonnets: sampling for evaluation and rejected answers
+    c.data.top_p = 0.9
+    c.data.max_new_tokens = 128
+    c.data.eval_seeds = (0, 1, 2)      # sonnets: chrF is averaged over these sampling seeds
+    c.data.pairing = "one_sample"      # sonnets: "one_sample" or "worst_of_k" (lowest chrF of k)
+    c.data.pairing_k = 4
 
     c.stages = [stage("sft", epochs=1)]
 

@@ -6,18 +6,23 @@ hand-off, for tasks whose rejected answers are sampled from it, which say so wit
 `PAIRS_NEED_POLICY = True`) and `evaluate(policy, batch_size) -> Evaluation`. `policy` is a
 `jaxsftdpo.policy.Policy`. Cloze tasks (the quickstart's yes/no task, the study's paraphrase
 task) predict the answer whose first token has the larger logit after the prompt, and report
-accuracy and macro F1.
+accuracy and macro F1. The sonnet task samples continuations and reports chrF; the JSONL task
+(any user's data) reports the dev completions' NLL and how often chosen beats rejected.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import NamedTuple
 
+import jax
 import numpy as np
+from flax import nnx
 
-from jaxsftdpo.data import batching, synthetic
+from jaxsftdpo import chrf, losses, sharding
+from jaxsftdpo.data import batching, jsonl, paraphrase, sonnets, synthetic
 from jaxsftdpo.errors import UserError
 
 
@@ -99,7 +104,277 @@ class YesNoTask(ClozeTask):
         super().__init__(train, dev, synthetic.LABEL_COMPLETIONS, tokenizer, max_length)
 
 
-TASKS = {YesNoTask.name: YesNoTask}
+def subsample(examples: list, scale: float, seed: int) -> list:
+    """A seeded `scale` fraction of `examples`, in their original order (the study's data-scale
+    axis: runs with the same seed train on the same subset)."""
+    if not 0.0 < scale <= 1.0:
+        raise UserError(f"config.data.scale={scale}; use a fraction in (0, 1]")
+    if scale == 1.0:
+        return examples
+    keep = max(1, round(scale * len(examples)))
+    return [examples[i] for i in np.sort(np.random.default_rng(seed).permutation(
+        len(examples))[:keep])]
+
+
+def _latest_policy(latest, evaluation: Evaluation, what: str):
+    """`(policy, batch_size)` of the evaluate call that gave `evaluation`, else None (said)."""
+    if latest is None or latest[0] is not evaluation:
+        print(f"{what} not written: no policy for this evaluation; run the task's evaluate first")
+        return None
+    return latest[1:]
+
+
+class ParaphraseTask(ClozeTask):
+    """Quora paraphrase detection as in the course (jaxsftdpo.data.paraphrase), from the
+    course's files or a hub dataset. Besides `dev_predictions.jsonl`, writes the course's
+    submission files `para-dev-output.csv` and, with `data.test`, `para-test-output.csv`."""
+
+    name = "paraphrase"
+
+    def __init__(self, data_config, tokenizer, max_length: int, seed: int):
+        train, dev = _paraphrase_splits(data_config)
+        super().__init__(subsample(train, data_config.scale, seed), dev, paraphrase.ANSWERS,
+                         tokenizer, max_length)
+        self.test = (paraphrase.read(data_config.test, labelled=False, what="config.data.test")
+                     if data_config.test else [])
+        self.max_length = max_length
+        self._latest = None  # (evaluation, policy, batch_size) of the last evaluate call
+
+    def evaluate(self, policy, batch_size: int) -> Evaluation:
+        evaluation = super().evaluate(policy, batch_size)
+        self._latest = (evaluation, policy, batch_size)
+        return evaluation
+
+    def predict(self, policy, prompts: list[str], batch_size: int) -> np.ndarray:
+        """The predicted answer's token id after each prompt (GPT-2: 8505 yes, 3919 no)."""
+        tokenized = batching.tokenize_prompts(prompts, self.tokenizer, self.max_length).items
+        logits = policy.prompt_logits(tokenized, batch_size)[:, self.answer_ids]
+        return self.answer_ids[np.argmax(logits, axis=-1)]
+
+    def write_predictions(self, evaluation: Evaluation, workdir: Path) -> None:
+        super().write_predictions(evaluation, workdir)
+        workdir = Path(workdir)
+        if evaluation.examples:
+            tokens = [int(self.answer_ids[self.labels.index(e["prediction"])])
+                      for e in evaluation.examples]
+            paraphrase.write_submission(workdir / "para-dev-output.csv",
+                                        [e["id"] for e in evaluation.examples], tokens)
+        if self.test and (latest := _latest_policy(self._latest, evaluation,
+                                                   "para-test-output.csv")):
+            tokens = self.predict(latest[0], [e["prompt"] for e in self.test], latest[1])
+            paraphrase.write_submission(workdir / "para-test-output.csv",
+                                        [e["id"] for e in self.test], tokens.tolist())
+
+
+def _paraphrase_splits(data_config) -> tuple[list[dict], list[dict]]:
+    hub = data_config.hub_dataset
+    if hub:
+        def split(name, what):
+            return paraphrase.from_hub(jsonl.load_hub_rows(hub, name), source=f"{hub}[{name}]",
+                                       what=what)
+        return (split(data_config.hub_train_split, "config.data.hub_train_split"),
+                split(data_config.hub_dev_split, "config.data.hub_dev_split")
+                if data_config.hub_dev_split else [])
+    return (paraphrase.read(data_config.train, what="config.data.train"),
+            paraphrase.read(data_config.dev, what="config.data.dev") if data_config.dev else [])
+
+
+PAIRINGS = ("one_sample", "worst_of_k")
+
+
+class SonnetTask:
+    """Sonnet continuation as in the course (jaxsftdpo.data.sonnets).
+
+    SFT on whole training sonnets. Evaluation samples a continuation of each dev prompt (its
+    first 3 lines) once per seed of `data.eval_seeds` and scores prompt + continuation with corpus
+    chrF against `data.dev_references`, read back through the course's generated-file format:
+    `chrf` (mean over seeds), `chrf_std` and `chrf_seed{s}`. DPO pairs: chosen = the true
+    continuation of a training sonnet's first 3 lines, rejected = a continuation sampled from
+    the hand-off policy (`one_sample`) or the lowest-chrF one of `pairing_k` (`worst_of_k`).
+    """
+
+    name = "sonnets"
+    PAIRS_NEED_POLICY = True
+
+    def __init__(self, data_config, tokenizer, max_length: int, seed: int):
+        self.train = subsample(sonnets.read(data_config.train, "config.data.train"),
+                               data_config.scale, seed)
+        self.dev = _sonnets_or_none(data_config.dev, "config.data.dev")
+        self.references = _sonnets_or_none(data_config.dev_references,
+                                           "config.data.dev_references")
+        if self.dev and not self.references:
+            raise UserError("config.data.dev_references is not set; pass the full dev sonnets "
+                            "(e.g. TRUE_sonnets_held_out_dev.txt) that chrF scores against")
+        self.test = _sonnets_or_none(data_config.test, "config.data.test")
+        self.sampling = dict(max_new_tokens=data_config.max_new_tokens,
+                             temperature=data_config.temperature, top_p=data_config.top_p)
+        self.seeds = tuple(int(s) for s in data_config.eval_seeds)
+        if not self.seeds:
+            raise UserError("config.data.eval_seeds is empty; give at least one, e.g. (0,)")
+        if data_config.pairing not in PAIRINGS:
+            raise UserError(f"config.data.pairing={data_config.pairing!r}; use one of {PAIRINGS}")
+        if data_config.pairing_k < 1:
+            raise UserError(f"config.data.pairing_k={data_config.pairing_k}; use at least 1")
+        self.k = data_config.pairing_k if data_config.pairing == "worst_of_k" else 1
+        self.seed, self.batch_size = seed, data_config.eval_batch_size
+        self._latest = None  # (evaluation, policy, batch_size) of the last evaluate call
+
+    def sft_examples(self) -> list[dict]:
+        return [{"prompt": "", "completion": s["text"]} for s in self.train]
+
+    def preference_pairs(self, policy=None) -> list[dict]:
+        """Pairs for the training sonnets longer than their prompt; none without a policy."""
+        if policy is None:
+            return []
+        texts = [s["text"] for s in self.train if sonnets.continuation_of(s["text"])]
+        prompts = [sonnets.prompt_of(t) for t in texts]
+        samples = zip(*(policy.generate(prompts, seed=self.seed * self.k + j,
+                                        batch_size=self.batch_size, **self.sampling)
+                        for j in range(self.k)))
+        return [{"prompt": p, "chosen": sonnets.continuation_of(t),
+                 "rejected": min(options, key=lambda c: chrf.sentence_chrf(p + c, t))}
+                for p, t, options in zip(prompts, texts, samples)]
+
+    def complete(self, policy, prompts: list[str], seed: int, batch_size: int) -> list[str]:
+        """Each prompt followed by its sampled continuation."""
+        continuations = policy.generate(prompts, seed=seed, batch_size=batch_size,
+                                        **self.sampling)
+        return [p + c for p, c in zip(prompts, continuations)]
+
+    def evaluate(self, policy, batch_size: int) -> Evaluation:
+        if not self.dev:
+            return Evaluation({}, [])
+        prompts = [s["text"] for s in self.dev]
+        references = [s["text"] for s in self.references]
+        generated = [self.complete(policy, prompts, seed, batch_size) for seed in self.seeds]
+        per_seed = [chrf.corpus_chrf(sonnets.parse_generated(sonnets.format_generated(texts)),
+                                     references) for texts in generated]
+        scores = {"chrf": float(np.mean(per_seed)),
+                  "chrf_std": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0,
+                  **{f"chrf_seed{s}": v for s, v in zip(self.seeds, per_seed)}}
+        examples = [{"id": sonnet["id"], "position": i, "seeds": list(self.seeds),
+                     "generated": [texts[i] for texts in generated],
+                     "chrf": [chrf.sentence_chrf(texts[i], reference) for texts in generated]}
+                    for i, (sonnet, reference) in enumerate(zip(self.dev, references))]
+        evaluation = Evaluation(scores, examples)
+        self._latest = (evaluation, policy, batch_size)
+        return evaluation
+
+    def write_predictions(self, evaluation: Evaluation, workdir: Path) -> None:
+        """`dev_predictions.jsonl`, `generated_sonnets_dev_seed{s}.txt` per seed and, with
+        `data.test`, `generated_sonnets_test.txt` (first seed), in the course's format."""
+        workdir = Path(workdir)
+        write_examples(evaluation, workdir / "dev_predictions.jsonl")
+        for j, seed in enumerate(self.seeds if evaluation.examples else ()):
+            (workdir / f"generated_sonnets_dev_seed{seed}.txt").write_text(
+                sonnets.format_generated([e["generated"][j] for e in evaluation.examples]))
+        if self.test and (latest := _latest_policy(self._latest, evaluation,
+                                                   "generated_sonnets_test.txt")):
+            texts = self.complete(latest[0], [s["text"] for s in self.test], self.seeds[0],
+                                  latest[1])
+            (workdir / "generated_sonnets_test.txt").write_text(sonnets.format_generated(texts))
+
+
+def _sonnets_or_none(path: str, what: str) -> list[dict]:
+    return sonnets.read(path, what) if path else []
+
+
+class JsonlTask:
+    """Any user's data (jaxsftdpo.data.jsonl): JSON lines or a hub dataset.
+
+    Every row serves SFT (completion-only loss); rows with `chosen`/`rejected` also serve DPO.
+    Dev scores: `nll`, the mean negative log-likelihood per completion token, and, when dev has
+    preference rows, `pair_accuracy`: how often the policy gives chosen the larger log-prob.
+    """
+
+    name = "jsonl"
+    PAIRS_NEED_POLICY = False
+
+    def __init__(self, data_config, tokenizer, max_length: int, seed: int):
+        hub = data_config.hub_dataset
+
+        def load(path, split, what):
+            return jsonl.load(path, tokenizer, hub_dataset=hub, hub_split=split, what=what)
+
+        self.train = subsample(load(data_config.train, data_config.hub_train_split,
+                                    "config.data.train"), data_config.scale, seed)
+        has_dev = data_config.hub_dev_split if hub else data_config.dev
+        dev = load(data_config.dev, data_config.hub_dev_split, "config.data.dev") \
+            if has_dev else []
+        self.dev = _tokenize_dev(dev, tokenizer, max_length)
+
+    def sft_examples(self) -> list[dict]:
+        return self.train
+
+    def preference_pairs(self, policy=None) -> list[dict]:
+        return [e for e in self.train if "chosen" in e]
+
+    def evaluate(self, policy, batch_size: int) -> Evaluation:
+        if not self.dev:
+            return Evaluation({}, [])
+        logps, counts = completion_logps(policy, [d["sequence"] for d in self.dev], batch_size)
+        scores = {"nll": float(-logps.sum() / max(counts.sum(), 1))}
+        examples = [{"id": d["id"], "nll": float(-lp / max(n, 1))}
+                    for d, lp, n in zip(self.dev, logps, counts)]
+        with_pairs = [i for i, d in enumerate(self.dev) if d["pair"] is not None]
+        if with_pairs:
+            chosen, _ = completion_logps(policy, [self.dev[i]["pair"].chosen
+                                                  for i in with_pairs], batch_size)
+            rejected, _ = completion_logps(policy, [self.dev[i]["pair"].rejected
+                                                    for i in with_pairs], batch_size)
+            scores["pair_accuracy"] = float(np.mean(chosen > rejected))
+            for i, c, r in zip(with_pairs, chosen, rejected):
+                examples[i].update(logp_chosen=float(c), logp_rejected=float(r),
+                                   correct=int(c > r))
+        return Evaluation(scores, examples)
+
+    def write_predictions(self, evaluation: Evaluation, workdir: Path) -> None:
+        write_examples(evaluation, Path(workdir) / "dev_predictions.jsonl")
+
+
+def _tokenize_dev(examples: list[dict], tokenizer, max_length: int) -> list[dict]:
+    """`{"id", "sequence", "pair"}` per dev example that fits `max_length` (prompts cut from the
+    left as in training); the rest are left out with a count."""
+    kept, left_out = [], 0
+    for example in examples:
+        try:
+            sequence = batching.tokenize_sft([example], tokenizer, max_length).items[0]
+            pair = (batching.tokenize_preferences([example], tokenizer, max_length).items[0]
+                    if "chosen" in example else None)
+        except UserError:  # its completion alone does not fit
+            left_out += 1
+            continue
+        kept.append({"id": example["id"], "sequence": sequence, "pair": pair})
+    if left_out:
+        print(f"dev data: left out {left_out} examples whose completion does not fit "
+              f"max_length={max_length}")
+    return kept
+
+
+def completion_logps(policy, sequences: list, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Summed completion log-probs of `batching.Sequence`s under `policy`, and their token counts
+    (the first token, which has no logit before it, is not counted)."""
+    logps = np.zeros(len(sequences), np.float32)
+    for batch in batching.batches_for_epoch(sequences, policy.batch_size(batch_size),
+                                            policy.tokenizer.pad_token_id, policy.buckets,
+                                            shuffle=False, drop_last=False):
+        index = batch.pop("index")
+        keep = index >= 0
+        out = _sequence_logps(policy.graphdef, policy.trainable, policy.frozen,
+                              sharding.place_batch(batch, policy.mesh))
+        logps[index[keep]] = np.asarray(out)[keep]
+    counts = np.array([s.loss_mask[1:].sum() for s in sequences], np.int64)
+    return logps, counts
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _sequence_logps(graphdef, trainable, frozen, batch):
+    model = nnx.merge(graphdef, trainable, frozen)
+    logits = model(batch["input_ids"], batch["attention_mask"])
+    return losses.sequence_logprobs(logits, batch["input_ids"], batch["loss_mask"])
+
+
+TASKS = {task.name: task for task in (YesNoTask, ParaphraseTask, SonnetTask, JsonlTask)}
 
 
 def make_task(data_config, tokenizer, max_length: int, seed: int):
