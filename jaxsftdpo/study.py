@@ -365,10 +365,20 @@ def parse_args(argv):
     return args, overrides
 
 
+def use_compilation_cache(workdir) -> None:
+    """Runs of a cell differ only in the seed, so they compile the same programs: keep them in
+    a persistent cache under the study's workdir (unless JAX_COMPILATION_CACHE_DIR is set)."""
+    import jax
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(Path(workdir).absolute() / "jax_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def main(argv=None) -> int:
     try:
         args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
         grid = load_grid(args.grid, extra_overrides=overrides)
+        use_compilation_cache(args.workdir)
         if args.report_only:
             from jaxsftdpo import study_report
             seeds = grid.seeds if args.seeds is None else args.seeds

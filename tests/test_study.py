@@ -13,6 +13,7 @@ from jaxsftdpo import stats, study
 from jaxsftdpo.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "configs" / "quickstart.py"
 N_EMBD, N_LAYER, VOCAB, POSITIONS, R = 32, 2, 257, 64, 4
 
 GRID = f'''
@@ -25,7 +26,7 @@ def get_grid():
              "stages": [stage("sft", epochs=2, learning_rate=3e-3, batch_size=16),
                         stage("dpo", epochs=1, learning_rate=5e-4, batch_size=16)],
              "log_every": 1, "checkpoint_every": 3, "progress": False}}
-    cell = lambda name, param, **o: {{"name": name, "config": {str(ROOT / "configs/quickstart.py")!r},
+    cell = lambda name, param, **o: {{"name": name, "config": {str(QUICKSTART)!r},
                                      "overrides": o, "reference": {{"accuracy": 50.0}},
                                      "labels": {{"schedule": "sft2_dpo1", "param": param}}}}
     return {{"name": "test", "seeds": 2, "overrides": tiny, "n_boot": 200,
