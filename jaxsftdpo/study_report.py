@@ -342,7 +342,8 @@ def plot_curves(grid, records, path: Path) -> None:
         ax.set_title(str(panel) or grid.name)
         ax.set_xlabel("epoch (cumulative over stages)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     axes[0][0].set_ylabel(f"dev {metric}" + (" (%)" if metric in PERCENT else ""))
     _save(fig, path)
 
