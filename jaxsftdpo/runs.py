@@ -278,9 +278,17 @@ def run_command(main, argv=None) -> None:
     Like `jaxsftdpo.cli.run_cli`, without its requirement of a `--config` flag.
     """
     from absl import flags
+    argv = sys.argv if argv is None else argv
+    if any(arg in ("-h", "--help", "--helpfull") for arg in argv[1:]):
+        f = flags.FLAGS
+        shown = (f.get_help() if "--helpfull" in argv else
+                 "\n".join(h for h in (f.main_module_help(), f.module_help("jaxsftdpo.cli"))
+                           if h.strip()))
+        print((sys.modules["__main__"].__doc__ or "").strip() + "\n\nflags:\n" + shown)
+        return
     try:
         try:
-            flags.FLAGS(sys.argv if argv is None else argv)
+            flags.FLAGS(argv)
         except flags.Error as e:
             raise UserError(f"{_one_line(e)}; see --helpfull for the flags") from e
         except (AttributeError, KeyError, TypeError, ValueError) as e:
