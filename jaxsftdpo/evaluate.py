@@ -48,7 +48,8 @@ def held_out_pairs(task) -> list[dict]:
             for e in dev for other in sorted(answers) if other != e["label"]]
 
 
-def dpo_metrics(policy, reference, pairs: list[dict], dpo_config, batch_size: int) -> dict:
+def dpo_metrics(policy, reference, pairs: list[dict], dpo_config, batch_size: int,
+                append_eos: bool = True) -> dict:
     """Mean DPO metrics of `policy` against `reference` (both `Policy`s) over `pairs`."""
     import jax.numpy as jnp
 
@@ -56,7 +57,7 @@ def dpo_metrics(policy, reference, pairs: list[dict], dpo_config, batch_size: in
     from jaxsftdpo.data import batching
 
     tokenized = batching.tokenize_preferences(pairs, policy.tokenizer, policy.max_length,
-                                              strict=False)
+                                              strict=False, append_eos=append_eos)
     items = tokenized.items
     if not items:
         return {}
@@ -92,7 +93,7 @@ def _evaluate(config, task, policy, reference) -> tuple[dict, object]:
     pairs = held_out_pairs(task) if reference is not None else []
     if pairs:
         results.update(dpo_metrics(policy, reference, pairs, config.dpo,
-                                   config.data.eval_batch_size))
+                                   config.data.eval_batch_size, task.APPEND_EOS))
     return results, evaluation
 
 
@@ -192,8 +193,7 @@ def evaluate_model(model: str, config, out, *, reference: str = "", devices=None
 def main() -> None:
     from absl import flags
 
-    from jaxsftdpo.cli import config_flag
-    from jaxsftdpo.runs import run_command
+    from jaxsftdpo.cli import config_flag, run_cli
 
     config = config_flag()
     flags.DEFINE_string("workdir", None, "a training run's --workdir to evaluate")
@@ -220,7 +220,7 @@ def main() -> None:
                 raise UserError("--model needs --config FILE: the task to evaluate it on")
             evaluate_model(f.model, config.value, f.out, reference=f.reference)
 
-    run_command(evaluate)
+    run_cli(evaluate)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 A task gives SFT examples (`sft_examples()`: `prompt`/`completion` dicts), preference pairs
 (`preference_pairs(policy)`: `prompt`/`chosen`/`rejected` dicts; `policy` is the model at the
 hand-off, for tasks whose rejected answers are sampled from it, which say so with
-`PAIRS_NEED_POLICY = True`) and `evaluate(policy, batch_size) -> Evaluation`. `policy` is a
+`PAIRS_NEED_POLICY = True`) and `evaluate(policy, batch_size) -> Evaluation`; `APPEND_EOS`
+says whether training sequences end with the end-of-text token. `policy` is a
 `jaxsftdpo.policy.Policy`. Cloze tasks (the quickstart's yes/no task, the study's paraphrase
 task) predict the answer whose first token has the larger logit after the prompt, and report
 accuracy and macro F1. The sonnet task samples continuations and reports chrF; the JSONL task
@@ -55,6 +56,8 @@ class ClozeTask:
 
     name = "cloze"
     PAIRS_NEED_POLICY = False
+    APPEND_EOS = False    # the completion is the answer alone; eos after it would add a target
+                          # that DPO could push apart instead of the answer
 
     def __init__(self, train: list[dict], dev: list[dict], answers: dict[int, str], tokenizer,
                  max_length: int):
@@ -195,6 +198,7 @@ class SonnetTask:
 
     name = "sonnets"
     PAIRS_NEED_POLICY = True
+    APPEND_EOS = True
 
     def __init__(self, data_config, tokenizer, max_length: int, seed: int):
         self.train = subsample(sonnets.read(data_config.train, "config.data.train"),
@@ -288,6 +292,7 @@ class JsonlTask:
     """
 
     name = "jsonl"
+    APPEND_EOS = True
     PAIRS_NEED_POLICY = False
 
     def __init__(self, data_config, tokenizer, max_length: int, seed: int):

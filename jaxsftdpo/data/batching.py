@@ -43,11 +43,15 @@ class Tokenized(NamedTuple):
 # ---- tokenization ---------------------------------------------------------------------------
 
 def tokenize_sft(examples: list[dict], tokenizer, max_length: int, *,
-                 strict: bool = False) -> Tokenized:
-    """`{"prompt", "completion"}` examples -> `Sequence`s of prompt + completion + eos."""
+                 strict: bool = False, append_eos: bool = True) -> Tokenized:
+    """`{"prompt", "completion"}` examples -> `Sequence`s of prompt + completion (+ eos).
+
+    Cloze tasks leave eos out: their completion is the answer alone, as the study scores it.
+    """
+    end = [tokenizer.eos_token_id] if append_eos else []
+
     def encode(example):
-        return (tokenizer.encode(example["prompt"]),
-                [tokenizer.encode(example["completion"]) + [tokenizer.eos_token_id]])
+        return tokenizer.encode(example["prompt"]), [tokenizer.encode(example["completion"]) + end]
 
     def build(prefix, prompt, completions):
         return _sequence(prefix, prompt, completions[0])
@@ -56,13 +60,14 @@ def tokenize_sft(examples: list[dict], tokenizer, max_length: int, *,
 
 
 def tokenize_preferences(pairs: list[dict], tokenizer, max_length: int, *,
-                         strict: bool = False) -> Tokenized:
+                         strict: bool = False, append_eos: bool = True) -> Tokenized:
     """`{"prompt", "chosen", "rejected"}` -> `PreferencePair`s; both sides keep the same prompt
     tokens (cut to fit the longer answer), so their log-probs are conditioned alike."""
+    end = [tokenizer.eos_token_id] if append_eos else []
+
     def encode(pair):
         return (tokenizer.encode(pair["prompt"]),
-                [tokenizer.encode(pair[side]) + [tokenizer.eos_token_id]
-                 for side in ("chosen", "rejected")])
+                [tokenizer.encode(pair[side]) + end for side in ("chosen", "rejected")])
 
     def build(prefix, prompt, completions):
         return PreferencePair(*(_sequence(prefix, prompt, c) for c in completions))
