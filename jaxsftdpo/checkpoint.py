@@ -11,7 +11,9 @@ restores onto a different mesh or number of devices.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 from pathlib import Path
 
 import jax
@@ -33,20 +35,43 @@ def _abstract(tree):
 class Resume:
     """The newest checkpoint of a workdir, restored on demand into given targets."""
 
+    FIX = "use a new --workdir, or the model this run was trained with"
+
     def __init__(self, manager: ocp.CheckpointManager, step: int, meta: dict):
         self.manager, self.step, self.meta = manager, step, meta
 
-    def _restore(self, **targets):
+    def _misfit(self, detail: str, fix: str) -> UserError:
+        return UserError(f"checkpoint {self.step} in {self.manager.directory} does not fit the "
+                         f"model of this config ({detail}); {fix}")
+
+    def _restore(self, fix: str = FIX, **targets):
         args = {name: ocp.args.StandardRestore(_abstract(t)) for name, t in targets.items()}
         try:
-            return self.manager.restore(self.step, args=ocp.args.Composite(**args))
+            with _quiet_absl():  # orbax warns about every item a partial restore leaves out
+                return self.manager.restore(self.step, args=ocp.args.Composite(**args))
         except (ValueError, KeyError, TypeError) as e:
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise UserError(f"checkpoint {self.step} in {self.manager.directory} does not fit "
-                            f"the model of this config ({first}); use a new --workdir") from e
+            raise self._misfit(first, fix) from e
 
-    def params(self, trainable):
-        return self._restore(params=trainable).params
+    def params(self, trainable, fix: str = FIX):
+        """The trainable state of the checkpoint, in the shardings of `trainable`.
+
+        Shapes are compared first: a failed Orbax restore leaves reads pending that print
+        tracebacks when the process exits, so a misfit must be caught before restoring.
+        """
+        stored = _stored_shapes(Path(self.manager.directory) / str(self.step) / "params")
+        if stored is not None:
+            want = _shapes(trainable)
+            if set(stored) != set(want):
+                missing, extra = sorted(set(want) - set(stored)), sorted(set(stored) - set(want))
+                raise self._misfit(f"the model has {missing[0]}, the checkpoint does not"
+                                   if missing else
+                                   f"the checkpoint has {extra[0]}, the model does not", fix)
+            wrong = [f"{name} is {stored[name]} in the checkpoint, {want[name]} in the model"
+                     for name in sorted(want) if stored[name] != want[name]]
+            if wrong:
+                raise self._misfit(wrong[0], fix)
+        return self._restore(fix, params=trainable).params
 
     def stage_state(self, state: TrainState, reference):
         """The optimizer state, step and reference of a checkpoint taken mid-stage."""
@@ -58,6 +83,37 @@ class Resume:
         state = TrainState(restored.optimizer["step"], restored.params,
                            restored.optimizer["opt_state"])
         return state, (restored.reference if reference is not None else None)
+
+
+def _stored_shapes(item_dir: Path) -> dict | None:
+    """`{dotted path: shape}` of a saved item, or None when its metadata cannot be read."""
+    try:
+        with _quiet_absl(), ocp.StandardCheckpointer() as checkpointer:
+            stored = checkpointer.metadata(item_dir)
+        stored = getattr(stored, "item_metadata", stored)
+        return _shapes(stored, is_leaf=lambda x: hasattr(x, "shape"))
+    except Exception:  # noqa: BLE001 - only a pre-check; the restore reports what is wrong
+        return None
+
+
+def _shapes(tree, is_leaf=None) -> dict:
+    """`{dotted parameter path: shape}` of a state or of Orbax's tree metadata."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]:
+        names = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+        out[".".join(n for n in names if n != "value")] = tuple(leaf.shape)
+    return out
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 class Manager:

@@ -20,31 +20,46 @@ def workdir_flag():
     return flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and results")
 
 
-def _parse_flags(argv):
+def _parse_flags(argv, required):
     try:
         flags.FLAGS(argv)
     except flags.Error as e:
         raise UserError(f"{_one_line(e)}; see --helpfull for the flags") from e
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         # ml_collections raises these for unknown or mistyped --config.* keys.
-        raise UserError(f"bad --config override: {_one_line(e)}; check the key against the "
-                        f"config file") from e
-    if flags.FLAGS["config"].value is None:
-        raise UserError("--config is required, e.g. --config configs/quickstart.py")
-    if "workdir" in flags.FLAGS and flags.FLAGS["workdir"].value is None:
-        raise UserError("--workdir is required: the directory for this run's outputs")
+        raise UserError(f"bad --config override ({_one_line(e)}): no such key, or a value of "
+                        f"the wrong type; jaxsftdpo/config.py lists every key and its type") from e
+    for name, why in required.items():
+        if flags.FLAGS[name].value is None:
+            raise UserError(f"--{name} is required: {why}")
 
 
-def _one_line(error: Exception) -> str:
+def _one_line(error: BaseException) -> str:
     text = " ".join(str(error).replace("\\n", " ").split())
-    return text.strip("'\"") or type(error).__name__
+    if " " not in text:  # a bare key name, as KeyError and AttributeError give it: 'foo'
+        text = text.strip("'\"")
+    return text or type(error).__name__
 
 
-def run_cli(main, argv=None) -> None:
-    """Parse flags, run `main()`, and exit 2 with one line for a UserError."""
+def _print_help(argv) -> None:
+    f = flags.FLAGS
+    shown = (f.get_help() if "--helpfull" in argv else
+             "\n".join(h for h in (f.main_module_help(), f.module_help(__name__)) if h.strip()))
+    print((sys.modules["__main__"].__doc__ or "").strip() + "\n\nflags:\n" + shown)
+
+
+def run_cli(main, argv=None, *, required: dict | None = None) -> None:
+    """Parse flags, run `main()`, and exit 2 with one line for a UserError.
+
+    `required` maps flag names that must be given to what they are for.
+    """
+    argv = sys.argv if argv is None else argv
+    if any(arg in ("-h", "--help", "--helpfull") for arg in argv[1:]):
+        _print_help(argv)
+        return
     try:
-        _parse_flags(sys.argv if argv is None else argv)
+        _parse_flags(argv, required or {})
         main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)

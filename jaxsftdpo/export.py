@@ -134,8 +134,8 @@ def main() -> None:
                             "--workdir runs/quick --out hf/quick")
         export_run(f.workdir, f.out, peft=f.peft, step=f.step, overwrite=f.overwrite)
 
-    from jaxsftdpo.runs import run_command
-    run_command(export)
+    from jaxsftdpo.cli import run_cli
+    run_cli(export)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,8 @@ does not fit the config) is a `UserError` raised before anything is written.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -165,70 +163,17 @@ def _restore(workdir: Path, step: int, trainable):
 
     fix = (f"restore the run's original {CONFIG_FILE}, or pass the workdir this checkpoint "
            f"belongs to")
-    where = f"checkpoint {step} in {workdir / CHECKPOINT_DIR}"
-    _check_shapes(workdir / CHECKPOINT_DIR / str(step) / "params", trainable, where,
-                  workdir / CONFIG_FILE, fix)
     manager = ckpt.Manager(workdir / CHECKPOINT_DIR, keep=max(len(checkpoint_steps(workdir)), 1))
     try:
-        with _quiet_absl():  # orbax warns about every item a partial restore leaves out
-            meta = manager.manager.restore(step, args=ocp.args.Composite(
-                meta=ocp.args.JsonRestore())).meta
-            restored = ckpt.Resume(manager.manager, step, meta).params(trainable)
-    except UserError as e:
-        cause = e.__cause__ if e.__cause__ is not None else e
-        raise UserError(f"{where} does not fit the model of {workdir / CONFIG_FILE} "
-                        f"({_first_sentence(cause)}); {fix}") from e
+        meta = manager.manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore())).meta
+        restored = ckpt.Resume(manager.manager, step, meta).params(trainable, fix)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{where} cannot be read ({_first_sentence(e)}); {fix}") from e
+        raise UserError(f"checkpoint {step} in {workdir / CHECKPOINT_DIR} cannot be read "
+                        f"({_first_sentence(e)}); {fix}") from e
     finally:
         manager.manager.close()  # stops orbax's background threads before the process exits
     return restored, meta
-
-
-def _check_shapes(params_dir: Path, trainable, where: str, config_path: Path, fix: str
-                  ) -> None:
-    """Compare the stored parameter shapes with the model's before restoring: a failed Orbax
-    restore leaves reads pending that print tracebacks when the process exits."""
-    import orbax.checkpoint as ocp
-    try:
-        with _quiet_absl(), ocp.StandardCheckpointer() as checkpointer:
-            stored = checkpointer.metadata(params_dir)
-        stored = getattr(stored, "item_metadata", stored)
-        have = _shapes(stored, is_leaf=lambda x: hasattr(x, "shape"))
-    except Exception:  # noqa: BLE001 - only a pre-check; the restore reports what is wrong
-        return
-    want = _shapes(trainable)
-    if set(have) != set(want):
-        missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
-        detail = (f"the model has {missing[0]}, the checkpoint does not" if missing else
-                  f"the checkpoint has {extra[0]}, the model does not")
-        raise UserError(f"{where} does not fit the model of {config_path} ({detail}); {fix}")
-    wrong = [f"{name} is {have[name]} in the checkpoint, {want[name]} in the model"
-             for name in sorted(want) if have[name] != want[name]]
-    if wrong:
-        raise UserError(f"{where} does not fit the model of {config_path} ({wrong[0]}); "
-                        f"{fix}")
-
-
-def _shapes(tree, is_leaf=None) -> dict:
-    """`{dotted parameter path: shape}` of a state or of Orbax's tree metadata."""
-    import jax
-    out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]:
-        names = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
-        out[".".join(n for n in names if n != "value")] = tuple(leaf.shape)
-    return out
-
-
-@contextlib.contextmanager
-def _quiet_absl():
-    logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _first_sentence(error: BaseException) -> str:
@@ -268,39 +213,3 @@ def load_run(workdir, step: int | None = None, *, devices=None) -> LoadedRun:
     tokenizer = run_tokenizer(workdir, config)
     return LoadedRun(workdir, config, step, meta, mesh, family, model_config, graphdef,
                      trainable, initial, frozen, tokenizer)
-
-
-# ---- command-line plumbing shared by evaluate and export -------------------------------------
-
-def run_command(main, argv=None) -> None:
-    """Parse absl flags, run `main()`; a UserError (or a flag error) is one line and exit 2.
-
-    Like `jaxsftdpo.cli.run_cli`, without its requirement of a `--config` flag.
-    """
-    from absl import flags
-    argv = sys.argv if argv is None else argv
-    if any(arg in ("-h", "--help", "--helpfull") for arg in argv[1:]):
-        f = flags.FLAGS
-        shown = (f.get_help() if "--helpfull" in argv else
-                 "\n".join(h for h in (f.main_module_help(), f.module_help("jaxsftdpo.cli"))
-                           if h.strip()))
-        print((sys.modules["__main__"].__doc__ or "").strip() + "\n\nflags:\n" + shown)
-        return
-    try:
-        try:
-            flags.FLAGS(argv)
-        except flags.Error as e:
-            raise UserError(f"{_one_line(e)}; see --helpfull for the flags") from e
-        except (AttributeError, KeyError, TypeError, ValueError) as e:
-            # ml_collections raises these for unknown or mistyped --config.* keys.
-            raise UserError(f"bad --config override: {_one_line(e)}; check the key against "
-                            f"the config file") from e
-        main()
-    except UserError as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        sys.exit(2)
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).replace("\\n", " ").split())
-    return text.strip("'\"") or type(error).__name__

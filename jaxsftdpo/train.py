@@ -18,4 +18,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, required={"config": "a config file, e.g. --config configs/quickstart.py",
+                            "workdir": "the directory for this run's outputs"})
