@@ -1,0 +1,104 @@
+"""Bad input to `python -m jaxsftdpo.train`: one line naming the problem and the fix, exit status
+2, and nothing half-written in the workdir."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = str(ROOT / "configs/quickstart.py")
+FAST = ["--config.progress=False", "--config.data.n_train=64", "--config.data.n_dev=16",
+        "--config.stages[0].epochs=0", "--config.stages[0].steps=2",
+        "--config.stages[1].epochs=0", "--config.stages[1].steps=1"]
+
+
+def start(workdir, *overrides):
+    # The environment of the tests (conftest): 8 CPU devices, no hub access.
+    return subprocess.Popen(
+        [sys.executable, "-m", "jaxsftdpo.train", "--config", QUICK, "--workdir", str(workdir),
+         *FAST, *overrides], cwd=ROOT, env=dict(os.environ), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+
+
+def finish(process):
+    out, err = process.communicate(timeout=300)
+    return process.returncode, out, err
+
+
+def assert_one_line_error(returncode, err, *fragments):
+    assert returncode == 2, err
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, err
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path):
+    sft_only = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "a", "completion": "b"}] * 64)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    cases = {
+        "unknown key": (["--config.lerning_rate=1"], ["lerning_rate", "config.py"]),
+        "mistyped value": (["--config.seed=abc"], ["seed", "abc"]),
+        "missing model": (["--config.model.name_or_path=/no/such/model"], ["/no/such/model"]),
+        "missing data file": (["--config.data.task=jsonl", "--config.data.train=/no/such.jsonl"],
+                              ["/no/such.jsonl"]),
+        "empty dataset": (["--config.data.task=jsonl", f"--config.data.train={empty}"],
+                          ["no usable row"]),
+        "empty generated dataset": (["--config.data.n_train=0"], ["no usable example"]),
+        "sequence too long": (["--config.model.init.n_positions=32"], ["longer than", "32"]),
+        "max_length over the model": (["--config.data.max_length=100"], ["100", "64"]),
+        "batch over devices": (["--config.stages[0].batch_size=12"], ["12", "multiple of 8"]),
+        "mesh over devices": (["--config.mesh.data=3"], ["mesh", "8"]),
+        "lora target": (["--config.param.kind=lora", "--config.param.target_modules=q_proj"],
+                        ["q_proj"]),
+        "dpo without pairs": (["--config.data.task=jsonl", f"--config.data.train={sft_only}"],
+                              ["stages[1]", "preference"]),
+        "unknown stage kind": (["--config.stages[0].kind=ppo"], ["ppo", "sft"]),
+    }
+    running = {name: (start(tmp_path / name.replace(" ", "_"), *args), fragments)
+               for name, (args, fragments) in cases.items()}
+    for name, (process, fragments) in running.items():
+        returncode, _, err = finish(process)
+        assert_one_line_error(returncode, err, *fragments)
+        assert not (tmp_path / name.replace(" ", "_")).exists(), name
+
+
+def hf_gpt2(directory, n_embd):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    config = GPT2Config(vocab_size=257, n_positions=64, n_embd=n_embd, n_layer=2, n_head=4)
+    GPT2LMHeadModel(config).save_pretrained(directory)
+
+
+def snapshot(directory):
+    return {str(p.relative_to(directory)): p.stat().st_mtime_ns
+            for p in sorted(Path(directory).rglob("*"))}
+
+
+def test_checkpoint_that_does_not_fit_the_model(tmp_path):
+    model_dir = tmp_path / "model"
+    hf_gpt2(model_dir, 32)
+    workdir = tmp_path / "run"
+    first = ["--config.model.name_or_path=" + str(model_dir), "--config.model.tokenizer=bytes"]
+    returncode, _, err = finish(start(workdir, *first, "--config.stages[1].steps=3"))
+    assert returncode == 0, err
+    # The model directory now holds a wider model; the run's checkpoint no longer fits it.
+    hf_gpt2(model_dir, 64)
+    before = snapshot(workdir)
+    returncode, _, err = finish(start(workdir, *first, "--config.stages[1].steps=3"))
+    assert_one_line_error(returncode, err, "checkpoint", "does not fit")
+    assert snapshot(workdir) == before
+
+    returncode, _, err = finish(start(workdir, *first, "--config.seed=7"))
+    assert_one_line_error(returncode, err, "different config")
+    assert snapshot(workdir) == before
