@@ -15,6 +15,7 @@ PARAMS = ("fft", "lora")
 REFERENCES = ("frozen_copy", "precomputed", "none")
 SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
+PARALLEL_MODES = ("jit", "pmap")
 
 
 def stage(kind: str, *, epochs: int = 0, steps: int = 0, learning_rate: float = 1e-4,
@@ -41,6 +42,7 @@ def base_config() -> mlc.ConfigDict:
     c.model.tokenizer = ""             # "" = the model's own; "bytes" = byte-level
     c.model.dropout = True             # the checkpoint's dropout in SFT; DPO never uses dropout
     c.model.allow_pickle = False
+    c.model.remat = False              # recompute each transformer block's activations in backward
 
     c.data = mlc.ConfigDict()
     c.data.task = "yes_no"             # yes_no: the package's own synthetic task
@@ -74,6 +76,11 @@ def base_config() -> mlc.ConfigDict:
                                 sft_weight=0.0, reference="frozen_copy", reference_path=""))
 
     c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+    # mode: "jit" (one program over the mesh) or "pmap" (data parallel over the local devices,
+    # same losses); distributed: call jax.distributed.initialize() (multi-host; also done when
+    # the environment asks for it, see sharding.maybe_initialize_distributed)
+    c.parallel = mlc.ConfigDict(dict(mode="jit", distributed=False))
 
     c.log_every = 10
     c.eval_every = 0                   # 0 = at the end of every epoch
@@ -112,6 +119,13 @@ def validate(c: mlc.ConfigDict) -> None:
         need(size == -1 or size > 0, f"config.mesh.{axis}={size}; use a positive size or -1")
     need(sum(c.mesh[a] == -1 for a in ("data", "fsdp", "tensor")) <= 1,
          "at most one config.mesh axis may be -1 (the rest of the devices)")
+    need(c.parallel.mode in PARALLEL_MODES,
+         f"config.parallel.mode={c.parallel.mode!r}; use one of {PARALLEL_MODES}")
+    if c.parallel.mode == "pmap":
+        need(c.mesh.fsdp == 1 and c.mesh.tensor == 1,
+             f"config.parallel.mode=pmap is data parallel only but config.mesh has fsdp="
+             f"{c.mesh.fsdp}, tensor={c.mesh.tensor}; set config.mesh.fsdp=1 and "
+             f"config.mesh.tensor=1, or use parallel.mode=jit to shard parameters")
     need(c.model.name_or_path or c.model.init.get("model_type"),
          "set config.model.name_or_path, or config.model.init for a model built from scratch")
     from jaxsftdpo.losses import check_dpo_options

@@ -27,8 +27,8 @@ class Policy:
 
     def last_token_logits(self, batch: dict) -> np.ndarray:
         """`[B, V]` logits at each row's `last_index` of a `batching.prompt_batch`."""
-        return np.asarray(steps.last_token_logits(self.graphdef, self.trainable, self.frozen,
-                                                  sharding.place_batch(batch, self.mesh)))
+        return sharding.to_host(steps.last_token_logits(
+            self.graphdef, self.trainable, self.frozen, sharding.place_batch(batch, self.mesh)))
 
     def prompt_logits(self, prompts: list[np.ndarray], batch_size: int) -> np.ndarray:
         """`[len(prompts), V]` next-token logits after each tokenized prompt."""

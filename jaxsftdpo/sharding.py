@@ -7,6 +7,7 @@ A batch is split over ('data', 'fsdp'): FSDP devices also take different example
 
 from __future__ import annotations
 
+import os
 import re
 
 import jax
@@ -105,13 +106,95 @@ def check_batch_size(batch_size: int, mesh: Mesh, what: str) -> None:
 def place_batch(batch: dict, mesh: Mesh, leading: int = 0) -> dict:
     """Put a host batch on the mesh, splitting axis `leading` (the example axis) over devices.
 
-    In a multi-process run each process passes its own rows and the global array is assembled
-    from every process's part.
+    `batch` is the global batch, the same on every process (batches are a function of seed and
+    epoch). In a multi-process run each process hands its devices only its own rows
+    (`process_rows`) and the global array is assembled from every process's part.
     """
     def put(x):
         spec = P(*([None] * leading), BATCH_AXES)
         sharding = NamedSharding(mesh, spec)
         if jax.process_count() == 1:
             return jax.device_put(x, sharding)
-        return jax.make_array_from_process_local_data(sharding, x)
+        x = np.asarray(x)
+        rows = process_rows(mesh, x.shape[leading])
+        if rows is None:  # this process's devices hold scattered rows: let JAX pick them out
+            return jax.make_array_from_process_local_data(sharding, x, x.shape)
+        local = x[(slice(None),) * leading + (rows,)]
+        return jax.make_array_from_process_local_data(sharding, local, x.shape)
     return jax.tree.map(put, batch)
+
+
+def process_rows(mesh: Mesh, rows: int) -> slice | None:
+    """The rows of a global batch of `rows` examples that this process's devices hold.
+
+    One contiguous block when the mesh keeps each process's devices together along the batch
+    axes (what `make_mesh` gives for `jax.devices()`), else None.
+    """
+    index = NamedSharding(mesh, P(BATCH_AXES)).addressable_devices_indices_map((rows,))
+    blocks = sorted({(i[0].start or 0, rows if i[0].stop is None else i[0].stop)
+                     for i in index.values()})
+    if any(a[1] != b[0] for a, b in zip(blocks, blocks[1:])):
+        return None
+    return slice(blocks[0][0], blocks[-1][1])
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole value of a (possibly multi-process) array as numpy, on every process."""
+    if x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+# Environment variables that mean "this process is one of several": a coordinator given by hand
+# (with JAX_NUM_PROCESSES and JAX_PROCESS_ID), or a launcher whose layout
+# `jax.distributed.initialize()` detects by itself (multi-host Cloud TPU, mpirun). Under SLURM
+# (whose variables are also set outside srun) ask with config.parallel.distributed=true.
+_COUNT_VARS = ("JAX_NUM_PROCESSES", "OMPI_COMM_WORLD_SIZE")
+_HOSTS_VARS = ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES")
+
+
+def distributed_requested(config=None) -> bool:
+    """True when the config (`parallel.distributed`) or the environment asks for several
+    processes."""
+    env = os.environ
+    if config is not None and config.parallel.distributed:
+        return True
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        return True
+    if any(env.get(v, "1").isdigit() and int(env.get(v, "1")) > 1 for v in _COUNT_VARS):
+        return True
+    return any("," in env.get(v, "") for v in _HOSTS_VARS)
+
+
+def maybe_initialize_distributed(config=None) -> bool:
+    """`jax.distributed.initialize()` once, before JAX is used, when asked; True if several
+    processes take part.
+
+    With no arguments JAX finds the coordinator and this process's rank on Cloud TPU VMs, SLURM
+    (srun) and Open MPI; elsewhere set JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID on every process. Already initialized (e.g. by the caller): nothing to do.
+    """
+    if not jax.distributed.is_initialized() and distributed_requested(config):
+        _initialize()
+    several = jax.distributed.is_initialized() and jax.process_count() > 1
+    if several and config is not None and config.parallel.mode == "pmap":
+        raise UserError("config.parallel.mode=pmap runs over one process's devices; use "
+                        "parallel.mode=jit (the default) for a multi-host run")
+    return several
+
+
+def _initialize() -> None:
+    env = os.environ
+    kwargs = {}
+    if env.get("JAX_NUM_PROCESSES") and env.get("JAX_PROCESS_ID"):
+        kwargs = dict(num_processes=int(env["JAX_NUM_PROCESSES"]),
+                      process_id=int(env["JAX_PROCESS_ID"]))
+    try:
+        jax.distributed.initialize(**kwargs)
+    except (RuntimeError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"jax.distributed.initialize() failed ({first}); start every process "
+                        f"with the same command before JAX is used, and set "
+                        f"JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID where "
+                        f"no cluster manager provides them") from e

@@ -17,10 +17,13 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxsftdpo import losses
+from jaxsftdpo.errors import UserError
 
 
 class TrainState(NamedTuple):
@@ -46,13 +49,20 @@ def _concat_pairs(batch: dict) -> tuple:
     return cat("input_ids"), cat("attention_mask"), cat("loss_mask")
 
 
-def normalisers(kind: str, batch: dict) -> dict:
-    """Token and pair counts of the whole global batch (all micro-batches, all devices)."""
+def normalisers(kind: str, batch: dict, axis_name: str | None = None) -> dict:
+    """Token and pair counts of the whole global batch (all micro-batches, all devices).
+
+    Under pmap (`axis_name`) `batch` holds one device's rows; the counts are summed over the
+    axis so every device divides by the global count, as the jit step does.
+    """
     if kind == "sft":
-        return {"tokens": jnp.maximum(batch["loss_mask"][..., 1:].sum(), 1).astype(jnp.float32)}
-    chosen = batch["chosen_loss_mask"]
-    return {"pairs": jnp.maximum(chosen.any(-1).sum(), 1).astype(jnp.float32),
-            "chosen_tokens": jnp.maximum(chosen[..., 1:].sum(), 1).astype(jnp.float32)}
+        counts = {"tokens": batch["loss_mask"][..., 1:].sum()}
+    else:
+        chosen = batch["chosen_loss_mask"]
+        counts = {"pairs": chosen.any(-1).sum(), "chosen_tokens": chosen[..., 1:].sum()}
+    if axis_name is not None:
+        counts = jax.lax.psum(counts, axis_name)
+    return {name: jnp.maximum(n, 1).astype(jnp.float32) for name, n in counts.items()}
 
 
 def sequence_logps_of_pairs(model, batch: dict):
@@ -144,9 +154,43 @@ def make_optimizer(stage, total_steps: int) -> optax.GradientTransformation:
     return optax.chain(*parts), schedule
 
 
-def train_step(state: TrainState, frozen, ref, batch, rng, *, loss_fn, kind, tx):
-    norm = normalisers(kind, batch)
+def train_state_shardings(tx: optax.GradientTransformation, trainable) -> TrainState:
+    """Shardings of a TrainState over `trainable` (arrays, or ShapeDtypeStructs that carry a
+    sharding): each optimizer moment sharded like its parameter, so FSDP divides it as it
+    divides the parameters; the step and other scalars replicated on the same devices."""
+    first = jax.tree.leaves(trainable)[0].sharding
+    everywhere = NamedSharding(first.mesh, P()) if isinstance(first, NamedSharding) else first
+    params = jax.tree.map(lambda x: x.sharding, trainable)
+    opt_state = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, trainable),
+                                      params, transform_non_params=lambda _: everywhere)
+    return TrainState(everywhere, params, opt_state)
+
+
+def init_train_state(tx: optax.GradientTransformation, trainable) -> TrainState:
+    """Step 0, the optimizer state created directly in its shardings (`train_state_shardings`).
+    Every leaf has an explicit sharding, so the train step sees the same ones at every call."""
+    shardings = train_state_shardings(tx, trainable)
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(trainable)
+    return TrainState(jax.device_put(jnp.zeros((), jnp.int32), shardings.step), trainable,
+                      opt_state)
+
+
+def train_step(state: TrainState, frozen, ref, batch, rng, *, loss_fn, kind, tx,
+               axis_name: str | None = None):
+    """One optimizer step on a global batch: the body of the jit step and of the pmap step.
+
+    With `axis_name` (pmap) `batch` holds this device's rows; normalisers, gradients and metrics
+    are summed over the axis, so every device applies the update of the whole global batch.
+    Dropout keys are folded with the device index there: the masks differ from the jit step's
+    (which draws them for the global batch), so with dropout the two modes agree in
+    distribution, not bit for bit.
+    """
+    norm = normalisers(kind, batch, axis_name)
+    if axis_name is not None and rng is not None:
+        rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
     grads, metrics = accumulated_grads(loss_fn, state.trainable, frozen, ref, batch, rng, norm)
+    if axis_name is not None:
+        grads, metrics = jax.lax.psum((grads, metrics), axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     metrics["grad_norm"] = optax.global_norm(grads)
@@ -162,6 +206,53 @@ def make_train_step(kind: str, graphdef, tx, dpo: DPOSettings | None, state_shar
     step = functools.partial(train_step, loss_fn=loss_fn, kind=kind, tx=tx)
     out_shardings = None if state_shardings is None else (state_shardings, None)
     return jax.jit(step, donate_argnums=(0,), out_shardings=out_shardings)
+
+
+PMAP_AXIS = "devices"
+
+
+def make_pmap_train_step(kind: str, graphdef, tx, dpo: DPOSettings | None, devices=None):
+    """The pmap (data-parallel) counterpart of `make_train_step`, same call and same numbers.
+
+    `step(state, frozen, ref, batch, rng) -> (state, metrics)` takes what the jit step takes:
+    state, frozen and reference as replicated arrays (a mesh with data = all devices), the batch
+    `[grad_accum, micro_batch, ...]` as host arrays or placed on that mesh. Each of the
+    `devices` (default: all local devices) gets `micro_batch / n` rows of every micro-batch
+    (the rows the jit step gives it), runs `train_step` on them and psums; the replicated state
+    goes in and comes out unmapped (`in_axes=None`, `out_axes=None`), so the trainer, its
+    checkpoints and evaluation see the same arrays in both modes. State is donated.
+    """
+    devices = list(jax.local_devices() if devices is None else devices)
+    n = len(devices)
+    loss_fn = functools.partial(LOSSES[kind], graphdef=graphdef, dpo=dpo)
+    body = functools.partial(train_step, loss_fn=loss_fn, kind=kind, tx=tx, axis_name=PMAP_AXIS)
+    mapped = jax.pmap(body, axis_name=PMAP_AXIS, in_axes=(None, None, None, 1, None),
+                      out_axes=None, donate_argnums=(0,), devices=devices)
+
+    def per_device(x):
+        x = np.asarray(x)  # a few KB of token ids: the host copy costs nothing next to a step
+        if x.shape[1] % n:
+            raise UserError(f"parallel.mode=pmap: micro-batch of {x.shape[1]} rows does not "
+                            f"split over {n} devices; use a batch_size / grad_accum that is a "
+                            f"multiple of {n}")
+        return x.reshape(x.shape[0], n, x.shape[1] // n, *x.shape[2:])
+
+    everywhere = NamedSharding(Mesh(np.asarray(devices), (PMAP_AXIS,)), P())
+
+    def replicated(x):  # e.g. a fresh step counter on the default device
+        full = x.sharding.is_fully_replicated and x.sharding.device_set == set(devices)
+        return x if full else jax.device_put(x, everywhere)
+
+    def step(state, frozen, ref, batch, rng):
+        state = jax.tree.map(replicated, state)
+        shardings = jax.tree.map(lambda x: x.sharding, state)
+        state, metrics = mapped(state, frozen, ref, jax.tree.map(per_device, batch), rng)
+        # pmap returns the state on its own 1-D mesh; relabelling it (same buffers, no copy)
+        # with the shardings it came in with keeps the next call on the compiled program.
+        return jax.device_put(state, shardings), metrics
+
+    step.pmapped = mapped
+    return step
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))

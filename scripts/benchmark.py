@@ -1,6 +1,7 @@
 """Speed comparisons that run both sides in one process and print their ratio.
 
     python scripts/benchmark.py generate     # new tokens/s: jaxsftdpo vs transformers greedy
+    python scripts/benchmark.py memory       # per-device bytes under FSDP, 1/2/4/8 devices
 
 Machines are shared and noisy, so each case is timed as the best of a few repeats and reported
 next to its reference measured in the same run.
@@ -73,6 +74,92 @@ def bench_generate(args):
           f"identical greedy tokens: {agree:.1%}")
 
 
+def bench_memory(args):
+    """Per-device bytes of parameters, optimizer state and the train step's peak under FSDP.
+
+    Nothing full-size is allocated: the model is abstract (`nnx.eval_shape`), the optimizer
+    state's placement comes from compiling `tx.init` as the trainer runs it, and the peak from
+    XLA's memory analysis of the compiled SFT train step.
+    """
+    import os
+    import sys
+    most = max(args.devices)
+    if "jax" not in sys.modules:  # CPU devices to spread over, before JAX starts
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={most}")
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from jaxsftdpo import lora, sharding, steps
+    from jaxsftdpo.config import stage
+    from jaxsftdpo.models import gpt2
+
+    if jax.device_count() < most:
+        raise SystemExit(f"{jax.device_count()} devices; --devices asks for {most}")
+    cfg = gpt2.GPT2Config(n_layer=args.layers, n_embd=args.width, n_head=args.heads,
+                          remat=args.remat)
+
+    def model(kind):
+        m = gpt2.build(cfg)
+        if kind == "lora":
+            lora.apply_lora(m, r=args.lora_r, alpha=2.0 * args.lora_r)
+        return m
+
+    def abstract(tree, mesh, rules):
+        shardings = sharding.state_shardings(tree, mesh, rules)
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            tree, shardings)
+
+    def per_device(tree) -> int:
+        return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
+                   for x in jax.tree.leaves(tree))
+
+    def total(tree) -> int:
+        return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+    mib = lambda n: n / 2**20
+    print(f"GPT-2 {args.layers} layers, width {args.width}, {args.heads} heads, vocab "
+          f"{cfg.vocab_size}, fp32 params and AdamW state; SFT step on batch {args.batch} x "
+          f"{args.seq} tokens{', remat' if args.remat else ''}; mesh (data=1, fsdp=N, "
+          f"tensor=1); MiB per device")
+    print(f"{'param':5} {'N':>2} {'params':>9} {'opt state':>10} {'temps':>9} {'peak':>9}   "
+          f"{'params x N / total':>18}")
+    for kind in ("fft", "lora"):
+        for n in args.devices:
+            mesh = sharding.make_mesh(dict(data=1, fsdp=n, tensor=1), jax.devices()[:n])
+            graphdef, trainable, frozen = lora.split_trainable(
+                nnx.eval_shape(lambda: model(kind)), kind)
+            trainable = abstract(trainable, mesh, gpt2.PARTITION_RULES)
+            frozen = abstract(frozen, mesh, gpt2.PARTITION_RULES)
+            tx, _ = steps.make_optimizer(stage("sft", steps=10), 10)
+            placed = steps.train_state_shardings(tx, trainable)  # as the trainer places it
+            opt_state = jax.tree.map(
+                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                jax.eval_shape(tx.init, trainable), placed.opt_state)
+            state = steps.TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=placed.step),
+                                     trainable, opt_state)
+            rows = NamedSharding(mesh, P(None, sharding.BATCH_AXES))
+            token = lambda dtype: jax.ShapeDtypeStruct((1, args.batch, args.seq), dtype,
+                                                       sharding=rows)
+            batch = {"input_ids": token(jnp.int32), "attention_mask": token(jnp.bool_),
+                     "loss_mask": token(jnp.bool_)}
+            compiled = steps.make_train_step("sft", graphdef, tx, None).lower(
+                state, frozen, None, batch, None).compile()
+            stats = compiled.memory_analysis()
+            # XLA:CPU's peak_memory_in_bytes counts only the arguments; its buffer assignment
+            # gives the rest: live arguments and outputs (donated ones counted once) + temps.
+            peak = max(stats.peak_memory_in_bytes,
+                       stats.argument_size_in_bytes + stats.output_size_in_bytes
+                       - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
+            params = per_device((trainable, frozen))
+            print(f"{kind:5} {n:2d} {mib(params):9.1f} {mib(per_device(opt_state)):10.1f} "
+                  f"{mib(stats.temp_size_in_bytes):9.1f} {mib(peak):9.1f}   "
+                  f"{params * n / total((trainable, frozen)):18.3f}", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,6 +173,17 @@ def main():
     gen.add_argument("--new-tokens", type=int, default=128)
     gen.add_argument("--repeats", type=int, default=3)
     gen.set_defaults(run=bench_generate)
+    mem = sub.add_parser("memory", help="per-device bytes of params, optimizer state and peak "
+                                        "under FSDP (abstract GPT-2-medium, CPU devices)")
+    mem.add_argument("--layers", type=int, default=24)
+    mem.add_argument("--width", type=int, default=1024)
+    mem.add_argument("--heads", type=int, default=16)
+    mem.add_argument("--batch", type=int, default=8)
+    mem.add_argument("--seq", type=int, default=256)
+    mem.add_argument("--lora-r", type=int, default=8)
+    mem.add_argument("--remat", action="store_true", help="rematerialise each block")
+    mem.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8])
+    mem.set_defaults(run=bench_memory)
     args = parser.parse_args()
     args.run(args)
 

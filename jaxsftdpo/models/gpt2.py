@@ -62,6 +62,7 @@ class GPT2Config:
     # Not part of config.json: how this process computes and stores the weights.
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    remat: bool = False   # recompute each block's activations in the backward pass (training)
 
     def __post_init__(self):
         if self.activation_function not in _ACTIVATIONS:
@@ -95,7 +96,7 @@ class GPT2Config:
 
     @classmethod
     def from_hf(cls, hf: dict, **overrides) -> "GPT2Config":
-        names = {f.name for f in dataclasses.fields(cls)} - {"dtype", "param_dtype"}
+        names = {f.name for f in dataclasses.fields(cls)} - set(_RUNTIME_FIELDS)
         if hf.get("reorder_and_upcast_attn"):
             pass  # we always compute attention scores in float32, which is what it asks for
         if not hf.get("tie_word_embeddings", True):
@@ -104,10 +105,13 @@ class GPT2Config:
 
     def to_hf(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-               if f.name not in ("dtype", "param_dtype")}
+               if f.name not in _RUNTIME_FIELDS}
         out.update(model_type=MODEL_TYPE, architectures=["GPT2LMHeadModel"],
                    tie_word_embeddings=True, torch_dtype="float32")
         return out
+
+
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat")  # how this process runs, not config.json
 
 
 class Attention(nnx.Module):
@@ -228,6 +232,9 @@ class GPT2(nnx.Module):
         x = dropout(x, c.embd_pdrop, rngs[-1])
         keys, values = [], []
         for i, block in enumerate(self.h):
+            if c.remat and cache is None:
+                x = _remat_block(block, x, mask, rngs[i])
+                continue
             cache_kv = None if cache is None else (cache.keys[i], cache.values[i], cache.index)
             x, new_kv = block(x, mask, cache_kv, rngs[i])
             if cache is not None:
@@ -236,6 +243,14 @@ class GPT2(nnx.Module):
         x = self.ln_f(x)
         logits = self.wte.attend(x.astype(c.dtype)).astype(jnp.float32)
         return logits, (tuple(keys), tuple(values))
+
+
+@nnx.remat
+def _remat_block(block: Block, x, mask, rng):
+    """A block whose inner activations are recomputed in the backward pass, not stored: only
+    its input stays in memory. Dropout keys are explicit, so the recomputation draws the same
+    masks."""
+    return block(x, mask, None, rng)[0]
 
 
 # ---- Hugging Face key map -------------------------------------------------------------------
@@ -268,7 +283,9 @@ def build(config: GPT2Config, seed: int = 0) -> GPT2:
 # ---- Partition rules: (regex over the dotted parameter path, PartitionSpec) -----------------
 # Column-parallel into attention and the MLP, row-parallel out of them (Megatron style); every
 # weight's other dimension is split over 'fsdp'. A LoRA adapter shares its kernel's input split
-# (lora_a) or output split (lora_b) and keeps the small rank dimension whole.
+# (lora_a) or output split (lora_b), keeps the small rank dimension whole, and splits its other
+# dimension over 'fsdp' too (within each tensor shard), so FSDP divides adapters and their
+# optimizer state as well.
 _COLUMN = r"h\.\d+\.(attn\.c_attn|mlp\.c_fc)"
 _ROW = r"h\.\d+\.(attn\.c_proj|mlp\.c_proj)"
 PARTITION_RULES = (
@@ -277,10 +294,10 @@ PARTITION_RULES = (
     (_COLUMN + r"\.kernel", P("fsdp", "tensor")),
     (_COLUMN + r"\.bias", P("tensor")),
     (_COLUMN + r"\.lora\.lora_a", P("fsdp", None)),
-    (_COLUMN + r"\.lora\.lora_b", P(None, "tensor")),
+    (_COLUMN + r"\.lora\.lora_b", P(None, ("tensor", "fsdp"))),
     (_ROW + r"\.kernel", P("tensor", "fsdp")),
     (_ROW + r"\.bias", P(None)),
-    (_ROW + r"\.lora\.lora_a", P("tensor", None)),
+    (_ROW + r"\.lora\.lora_a", P(("tensor", "fsdp"), None)),
     (_ROW + r"\.lora\.lora_b", P(None, "fsdp")),
     (r"(h\.\d+\.ln_[12]|ln_f)\.(scale|bias)", P(None)),
 )

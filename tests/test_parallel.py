@@ -1,0 +1,232 @@
+"""Past one device: the pmap step equals the jit step, FSDP divides memory, remat changes nothing.
+
+Eight CPU devices (tests/conftest.py); tiny GPT-2s so every case compiles in seconds.
+"""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxsftdpo import sharding, steps, trainer
+from jaxsftdpo.config import stage
+from jaxsftdpo.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+N = 4  # devices of the data-parallel comparisons
+
+
+def quickstart_config(**model):
+    spec = importlib.util.spec_from_file_location("quickstart", ROOT / "configs/quickstart.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    c.model.init.update(**{**dict(n_positions=64, n_embd=32, n_layer=1, n_head=4), **model})
+    c.model.dropout = False
+    c.data.n_train, c.data.n_dev, c.data.eval_batch_size = 32, 8, 8
+    c.stages = [stage("sft", steps=2, learning_rate=1e-3, batch_size=8, grad_accum=2),
+                stage("dpo", steps=2, learning_rate=1e-3, batch_size=8, grad_accum=2)]
+    c.log_every = 1
+    c.progress = False
+    return c
+
+
+def random_batch(kind, accum=2, rows=8, length=16, seed=0):
+    """`[accum, rows, length]` arrays with right padding and a prompt before each completion."""
+    rng = np.random.default_rng(seed)
+
+    def side():
+        ids = rng.integers(0, 257, (accum, rows, length), dtype=np.int32)
+        lengths = rng.integers(6, length + 1, (accum, rows))
+        prompt = rng.integers(2, 5, (accum, rows))
+        pos = np.arange(length)
+        mask = pos < lengths[..., None]
+        return ids, mask, mask & (pos >= prompt[..., None])
+
+    if kind == "sft":
+        return dict(zip(("input_ids", "attention_mask", "loss_mask"), side()))
+    batch = {}
+    for name in ("chosen", "rejected"):
+        for key, value in zip(("input_ids", "attention_mask", "loss_mask"), side()):
+            batch[f"{name}_{key}"] = value
+    return batch
+
+
+def build(param, mesh_shape, devices, **model):
+    config = quickstart_config(**model)
+    config.param.kind = param
+    mesh = sharding.make_mesh(mesh_shape, devices)
+    _, _, graphdef, trainable, frozen = trainer.build_model(config, mesh)
+    if param == "lora":  # B = 0 at init would make the adapters' first gradients trivial
+        trainable = jax.tree.map(lambda x: x + 0.01, trainable)
+    return config, mesh, graphdef, trainable, frozen
+
+
+def run_steps(make, kind, graphdef, trainable, frozen, mesh, batches):
+    st = stage(kind, steps=10, learning_rate=1e-2, max_grad_norm=0.0)
+    tx, _ = steps.make_optimizer(st, 10)
+    dpo = steps.DPOSettings(beta=0.1, loss_type="sigmoid", label_smoothing=0.0,
+                            sft_weight=0.5, reference="frozen_copy") if kind == "dpo" else None
+    trainable = jax.tree.map(jnp.copy, trainable)
+    ref = jax.tree.map(jnp.copy, trainable) if kind == "dpo" else None
+    state = steps.TrainState(jnp.zeros((), jnp.int32), trainable, jax.jit(tx.init)(trainable))
+    # Every leaf on the whole mesh (scalars start on one device), and the jit step told to
+    # return the same shardings, so neither mode compiles its step twice.
+    shardings = jax.tree.map(lambda x: x.sharding if len(x.sharding.device_set) == mesh.size
+                             else sharding.replicated(mesh), state)
+    state = jax.device_put(state, shardings)
+    step = make(kind, graphdef, tx, dpo, shardings)
+    history = []
+    for batch in batches:
+        state, metrics = step(state, frozen, ref, sharding.place_batch(batch, mesh, leading=1),
+                              None)
+        history.append(jax.device_get(metrics))
+    return history, jax.device_get(state.trainable)
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+@pytest.mark.parametrize("param", ["fft", "lora"])
+def test_pmap_step_equals_jit_step(kind, param):
+    devices = jax.devices()[:N]
+    _, mesh, graphdef, trainable, frozen = build(param, dict(data=N, fsdp=1, tensor=1), devices)
+    # Uneven masks: a device's share of tokens differs from 1/N, so only global normalisers
+    # give the jit losses.
+    batches = [random_batch(kind, seed=s) for s in range(2)]
+    pmap = lambda *a: steps.make_pmap_train_step(*a[:4], devices=devices)
+    jit_hist, jit_params = run_steps(steps.make_train_step, kind, graphdef, trainable, frozen,
+                                     mesh, batches)
+    pmap_hist, pmap_params = run_steps(pmap, kind, graphdef, trainable, frozen, mesh, batches)
+    for j, p in zip(jit_hist, pmap_hist):
+        assert set(j) == set(p)
+        for name in j:
+            np.testing.assert_allclose(p[name], j[name], rtol=1e-5, atol=1e-7, err_msg=name)
+    assert jit_hist[1]["loss"] != jit_hist[0]["loss"]  # the second step saw updated weights
+    # Adam turns a gradient that is zero up to rounding (a key bias: softmax ignores it) into
+    # a step of +-lr whose sign is noise, so parameters agree to a small fraction of lr = 1e-2.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5),
+                 jit_params, pmap_params)
+
+
+def _losses(workdir):
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["stage"], r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def test_trainer_pmap_mode_matches_jit_mode(tmp_path):
+    """SFT then DPO (frozen-copy reference) through train_and_evaluate in both modes."""
+    out = {}
+    for mode in ("jit", "pmap"):
+        config = quickstart_config()
+        config.parallel.mode = mode
+        trainer.train_and_evaluate(config, tmp_path / mode, devices=jax.devices()[:N])
+        out[mode] = _losses(tmp_path / mode)
+    assert [r[:2] for r in out["jit"]] == [r[:2] for r in out["pmap"]] and len(out["jit"]) == 4
+    np.testing.assert_allclose([r[2] for r in out["pmap"]], [r[2] for r in out["jit"]],
+                               rtol=1e-5)
+    assert abs(out["jit"][2][2] - np.log(2)) < 1e-5  # DPO starts at log 2
+
+
+def test_pmap_bad_input(tmp_path):
+    config = quickstart_config()
+    config.parallel.mode = "pmap"
+    config.mesh.update(data=-1, fsdp=2)
+    with pytest.raises(UserError, match="fsdp=1") as e:
+        trainer.train_and_evaluate(config, tmp_path / "a", devices=jax.devices()[:N])
+    assert "\n" not in str(e.value)
+    config.mesh.update(data=-1, fsdp=1)
+    config.stages[0].batch_size = 6
+    config.stages[0].grad_accum = 1
+    with pytest.raises(UserError, match="multiple of 4"):
+        trainer.train_and_evaluate(config, tmp_path / "b", devices=jax.devices()[:N])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    step = steps.make_pmap_train_step("sft", None, None, None, devices=jax.devices()[:N])
+    with pytest.raises(UserError, match="multiple of 4"):
+        step(None, None, None, random_batch("sft", rows=6), None)
+
+
+def _bytes_per_device(tree):
+    out = {}
+    for leaf in jax.tree.leaves(tree):
+        for shard in leaf.addressable_shards:
+            out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+    return out
+
+
+@pytest.mark.parametrize("param", ["fft", "lora"])
+def test_fsdp_divides_params_and_optimizer_state(param):
+    config, mesh, graphdef, trainable, frozen = build(
+        param, dict(data=1, fsdp=8, tensor=1), jax.devices(), n_embd=128, vocab_size=256)
+    st = stage("sft", steps=2, learning_rate=1e-3)
+    tx, _ = steps.make_optimizer(st, 2)
+    state = steps.TrainState(jnp.zeros((), jnp.int32), trainable, jax.jit(tx.init)(trainable))
+    step = steps.make_train_step("sft", graphdef, tx, None)
+    state, _ = step(state, frozen, None,
+                    sharding.place_batch(random_batch("sft", rows=8), mesh, leading=1), None)
+    params = {"fft": state.trainable, "lora": (state.trainable, frozen)}[param]
+    for name, tree in (("params", params), ("optimizer state", state.opt_state)):
+        total = sum(leaf.nbytes for leaf in jax.tree.leaves(tree))
+        per_device = _bytes_per_device(tree)
+        assert len(per_device) == 8
+        worst = max(per_device.values())
+        assert worst <= 1.15 * total / 8, (name, worst, total / 8)
+
+
+def test_remat_gives_same_loss_and_gradients():
+    """Remat on/off inside gradient accumulation (2 micro-batches), with dropout on."""
+    devices = jax.devices()[:2]
+    out = []
+    for remat in (False, True):
+        config = quickstart_config()
+        config.model.remat = remat
+        mesh = sharding.make_mesh(dict(data=2, fsdp=1, tensor=1), devices)
+        _, _, graphdef, trainable, frozen = trainer.build_model(config, mesh)
+        batch = sharding.place_batch(random_batch("sft"), mesh, leading=1)
+        loss_fn = lambda *a: steps.sft_loss(*a, graphdef=graphdef)
+        fn = jax.jit(lambda t, f, b, r: steps.accumulated_grads(
+            loss_fn, t, f, None, b, r, steps.normalisers("sft", b)))
+        grads, metrics = fn(trainable, frozen, batch, jax.random.key(3))
+        text = str(jax.make_jaxpr(fn)(trainable, frozen, batch, jax.random.key(3)))
+        out.append((jax.device_get(grads), jax.device_get(metrics), text.count("remat")))
+    (g0, m0, r0), (g1, m1, r1) = out
+    assert r0 == 0 and r1 > 0  # the blocks really are rematerialised
+    np.testing.assert_allclose(m1["loss"], m0["loss"], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g0, g1)
+
+
+def test_pmap_step_runs_with_dropout():
+    """Dropout under pmap: each device folds its index into the key (masks differ from jit's)."""
+    devices = jax.devices()[:2]
+    _, mesh, graphdef, trainable, frozen = build("fft", dict(data=2, fsdp=1, tensor=1), devices)
+    tx, _ = steps.make_optimizer(stage("sft", steps=2), 2)
+    state = steps.init_train_state(tx, trainable)
+    step = steps.make_pmap_train_step("sft", graphdef, tx, None, devices=devices)
+    batch = random_batch("sft", rows=4)
+    state, a = step(state, frozen, None, batch, jax.random.key(0))
+    assert np.isfinite(float(a["loss"])) and int(state.step) == 1
+
+
+def test_distributed_is_initialized_only_when_asked(monkeypatch):
+    config = quickstart_config()
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "OMPI_COMM_WORLD_SIZE",
+                 "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES"):
+        monkeypatch.delenv(name, raising=False)
+    assert not sharding.distributed_requested(config)
+    assert not sharding.maybe_initialize_distributed(config)  # a no-op on one process
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "localhost")
+    assert not sharding.distributed_requested(config)  # a single-host TPU VM
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "w-0,w-1")
+    assert sharding.distributed_requested(config)
+    monkeypatch.delenv("TPU_WORKER_HOSTNAMES")
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+    assert sharding.distributed_requested(config)
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS")
+    config.parallel.distributed = True
+    assert sharding.distributed_requested(config)
+    config.parallel.distributed = False
+    config.parallel.mode = "pjit"
+    with pytest.raises(UserError, match="parallel.mode"):
+        trainer.prepare(config)
