@@ -58,9 +58,10 @@ class Run:
         return self.family.PARTITION_RULES
 
 
-def prepare(config: mlc.ConfigDict) -> Run:
+def prepare(config: mlc.ConfigDict, devices=None) -> Run:
+    """Build and check everything; `devices` (default: all) is what the mesh spans."""
     validate(config)
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = sharding.make_mesh(config.mesh, devices)
     family, model_config, graphdef, trainable, frozen = build_model(config, mesh)
     tokenizer = load_tokenizer(config.model.tokenizer or config.model.name_or_path)
     limit = model_config.max_length
@@ -86,6 +87,8 @@ def build_model(config: mlc.ConfigDict, mesh):
         lora.apply_lora(model, r=p.r, alpha=p.alpha, dropout=p.dropout,
                         target_modules=_targets(p.target_modules), use_rslora=p.use_rslora,
                         seed=config.seed)
+    if config.model.remat:
+        model.config = dataclasses.replace(model.config, remat=True)
     graphdef, trainable, frozen = lora.split_trainable(model, config.param.kind)
     trainable = sharding.place_state(trainable, mesh, family.PARTITION_RULES)
     frozen = sharding.place_state(frozen, mesh, family.PARTITION_RULES)
@@ -142,7 +145,8 @@ def _tokenize_stages(config, task, tokenizer, max_length, mesh):
             if stage.kind == "sft":
                 examples = task.sft_examples()
                 tokenized = batching.tokenize_sft(examples, tokenizer, max_length,
-                                                  strict=not config.data.truncate)
+                                                  strict=not config.data.truncate,
+                                                  append_eos=task.APPEND_EOS)
             else:
                 examples = task.preference_pairs()
                 if not examples:
@@ -150,7 +154,8 @@ def _tokenize_stages(config, task, tokenizer, max_length, mesh):
                                     f"{config.data.task!r} gave none; provide prompt/chosen/"
                                     f"rejected data or drop the DPO stage")
                 tokenized = batching.tokenize_preferences(examples, tokenizer, max_length,
-                                                          strict=not config.data.truncate)
+                                                          strict=not config.data.truncate,
+                                                          append_eos=task.APPEND_EOS)
             if tokenized.truncated or tokenized.dropped:
                 notes.append(f"{stage.kind} data: {tokenized.truncated} examples had their "
                              f"prompt cut from the left, {tokenized.dropped} were dropped "
@@ -185,7 +190,7 @@ def _policy_pairs(run: Run, stage_idx: int, workdir: Path) -> list:
     if not pairs:
         raise UserError(f"{where}: the task produced no preference pairs from the policy")
     tokenized = batching.tokenize_preferences(pairs, run.tokenizer, run.max_length,
-                                              strict=False)
+                                              strict=False, append_eos=run.task.APPEND_EOS)
     if tokenized.truncated or tokenized.dropped:
         print(f"dpo pairs: {tokenized.truncated} had their prompt cut from the left, "
               f"{tokenized.dropped} were dropped (longer than max_length={run.max_length})")
@@ -215,20 +220,25 @@ def _stop_on_signal():
             signal.signal(s, h)
 
 
-def train_and_evaluate(config: mlc.ConfigDict, workdir: str, *, stop_after_steps: int = 0):
+def train_and_evaluate(config: mlc.ConfigDict, workdir: str, *, stop_after_steps: int = 0,
+                       devices=None):
     """Run (or resume) every stage; returns the results dict also written to results.json.
 
     `stop_after_steps > 0` checkpoints and returns after that many optimizer steps in this call
     (used to test that resuming reproduces an uninterrupted run).
     """
-    run = prepare(config)
+    sharding.maybe_initialize_distributed(config)  # multi-host: before JAX touches a device
+    run = prepare(config, devices)
     workdir = Path(workdir)
     _check_workdir(workdir, config)
     manager = ckpt.Manager(workdir / "checkpoints", keep=config.keep_checkpoints)
     resume = manager.latest()
+    if resume is not None:  # before anything is written: fails if it does not fit the model
+        run.trainable = resume.params(run.trainable)
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-    run.tokenizer.save(str(workdir / "tokenizer"))
+    if jax.process_index() == 0:  # files once; Orbax checkpoints are saved by every process
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+        run.tokenizer.save(str(workdir / "tokenizer"))
     writer = MetricsWriter(workdir, is_main=jax.process_index() == 0)
     for note in run.data_notes:
         print(note)
@@ -297,8 +307,6 @@ class _Stage:
 
 def _stage_start(run: Run, stage_idx: int, resume, meta, workdir: Path) -> _Stage:
     config, stage = run.config, run.config.stages[stage_idx]
-    if resume is not None:
-        run.trainable = resume.params(run.trainable)
     if run.stage_data[stage_idx] is None:
         run.stage_data[stage_idx] = _policy_pairs(run, stage_idx, workdir)
     items = run.stage_data[stage_idx]
@@ -306,8 +314,7 @@ def _stage_start(run: Run, stage_idx: int, resume, meta, workdir: Path) -> _Stag
     total = stage.steps or stage.epochs * steps_per_epoch
     tx, schedule = steps.make_optimizer(stage, total)
     mid_stage = resume is not None and meta["stage_step"] > 0
-    opt_state = jax.jit(tx.init)(run.trainable)
-    state = steps.TrainState(jnp.zeros((), jnp.int32), run.trainable, opt_state)
+    state = steps.init_train_state(tx, run.trainable)  # optimizer state sharded like params
     dpo, reference = None, None
     if stage.kind == "dpo":
         dpo = steps.DPOSettings(beta=config.dpo.beta, loss_type=config.dpo.loss_type,
@@ -324,8 +331,18 @@ def _stage_start(run: Run, stage_idx: int, resume, meta, workdir: Path) -> _Stag
                          else _precompute_reference(run, items, stage))
     if mid_stage:
         state, reference = resume.stage_state(state, reference)
-    step_fn = steps.make_train_step(stage.kind, run.graphdef, tx, dpo)
+    step_fn = _make_step(run, stage.kind, tx, dpo, state)
     return _Stage(state, reference, total, steps_per_epoch, schedule, step_fn, dpo)
+
+
+def _make_step(run: Run, kind: str, tx, dpo, state):
+    """The train step of `config.parallel.mode`; both take and return the same arrays, the
+    state in the shardings it came in with (so the step compiles once per length bucket)."""
+    if run.config.parallel.mode == "jit":
+        return steps.make_train_step(kind, run.graphdef, tx, dpo,
+                                     jax.tree.map(lambda x: x.sharding, state))
+    return steps.make_pmap_train_step(kind, run.graphdef, tx, dpo,
+                                      devices=list(run.mesh.devices.flat))
 
 
 def _precompute_reference(run: Run, items, stage) -> dict:
@@ -339,8 +356,8 @@ def _precompute_reference(run: Run, items, stage) -> dict:
         c, r = steps.pair_logps(run.graphdef, run.trainable, run.frozen,
                                 sharding.place_batch(batch, run.mesh))
         keep = index >= 0
-        chosen[index[keep]] = np.asarray(c)[keep]
-        rejected[index[keep]] = np.asarray(r)[keep]
+        chosen[index[keep]] = sharding.to_host(c)[keep]
+        rejected[index[keep]] = sharding.to_host(r)[keep]
     return {"chosen": chosen, "rejected": rejected}
 
 
