@@ -13,18 +13,14 @@ those rates: an assumption, the study does not give its LoRA rates. Data paths d
 `data/quora-{train,dev}.csv`; set `--config.data.test` to also write the test predictions.
 """
 
-import re
-
-from jaxsftdpo.config import base_config, finalize, stage
-from jaxsftdpo.errors import UserError
+from jaxsftdpo.config import (STUDY_LEARNING_RATES, base_config, finalize, parse_cell_arg,
+                              parse_schedule, set_param, stage)
 
 DEFAULTS = {"schedule": "sft15", "param": "fft", "scale": "1"}
-LEARNING_RATES = {"sft": 1e-5, "dpo": 5e-6}
-LORA_RATE_FACTOR = 10.0
 
 
 def get_config(arg: str = ""):
-    cell = parse_arg(arg, DEFAULTS)
+    cell = parse_cell_arg(arg, DEFAULTS)
     c = base_config()
     c.model.name_or_path = "gpt2"
     c.data.task = "paraphrase"
@@ -32,42 +28,10 @@ def get_config(arg: str = ""):
     c.data.dev = "data/quora-dev.csv"
     c.data.scale = float(cell["scale"])
     factor = set_param(c, cell["param"])
-    c.stages = [stage(kind, epochs=epochs, learning_rate=LEARNING_RATES[kind] * factor,
+    c.stages = [stage(kind, epochs=epochs, learning_rate=STUDY_LEARNING_RATES[kind] * factor,
                       batch_size=8) for kind, epochs in parse_schedule(cell["schedule"])]
     c.dpo.beta = 0.2
     c.dpo.loss_type = "sigmoid"
     c.log_every = 50
     c.checkpoint_every = 2000
     return finalize(c)
-
-
-def parse_arg(arg: str, defaults: dict) -> dict:
-    """`key=value,key=value` over `defaults`; an unknown key is an error."""
-    cell = dict(defaults)
-    for item in filter(None, (arg or "").split(",")):
-        key, sep, value = item.partition("=")
-        if not sep or key not in defaults:
-            raise UserError(f"config argument {item!r}: use key=value with keys "
-                            f"{sorted(defaults)}")
-        cell[key] = value
-    return cell
-
-
-def parse_schedule(schedule: str) -> list[tuple[str, int]]:
-    """`sft9_dpo6` -> [("sft", 9), ("dpo", 6)]."""
-    parts = [re.fullmatch(r"(sft|dpo)(\d+)", p) for p in schedule.split("_")]
-    if not all(parts) or any(int(p[2]) < 1 for p in parts):
-        raise UserError(f"schedule={schedule!r}: use stages like sft15, dpo15 or sft9_dpo6")
-    return [(p[1], int(p[2])) for p in parts]
-
-
-def set_param(c, param: str) -> float:
-    """Full fine-tuning or LoRA of rank R; returns the learning-rate factor."""
-    if param == "fft":
-        c.param.kind = "fft"
-        return 1.0
-    match = re.fullmatch(r"lora(\d+)", param)
-    if not match or int(match[1]) < 1:
-        raise UserError(f"param={param!r}: use fft or loraR, e.g. lora8")
-    c.param.update(kind="lora", r=int(match[1]), alpha=2.0 * int(match[1]))
-    return LORA_RATE_FACTOR

@@ -12,22 +12,15 @@ new tokens) and of the study (DPO sigmoid loss, beta 0.2, learning rate 5e-6); c
 over three sampling seeds. Data paths default to the course's file names under `data/`.
 """
 
-import importlib.util
-from pathlib import Path
-
-from jaxsftdpo.config import base_config, finalize, stage
-
-_spec = importlib.util.spec_from_file_location("_paraphrase_config",
-                                               Path(__file__).with_name("paraphrase.py"))
-_shared = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_shared)
+from jaxsftdpo.config import (STUDY_LEARNING_RATES, base_config, finalize, parse_cell_arg,
+                              parse_schedule, set_param, stage)
 
 DEFAULTS = {"schedule": "sft10", "param": "fft", "temperature": "1.2", "top_p": "0.9",
             "pairing": "one_sample", "k": "4"}
 
 
 def get_config(arg: str = ""):
-    cell = _shared.parse_arg(arg, DEFAULTS)
+    cell = parse_cell_arg(arg, DEFAULTS)
     c = base_config()
     c.model.name_or_path = "gpt2"
     c.data.task = "sonnets"
@@ -41,9 +34,9 @@ def get_config(arg: str = ""):
     c.data.eval_batch_size = 12
     c.data.pairing = cell["pairing"]
     c.data.pairing_k = int(cell["k"])
-    factor = _shared.set_param(c, cell["param"])
-    c.stages = [stage(kind, epochs=epochs, learning_rate=_shared.LEARNING_RATES[kind] * factor,
-                      batch_size=8) for kind, epochs in _shared.parse_schedule(cell["schedule"])]
+    factor = set_param(c, cell["param"])
+    c.stages = [stage(kind, epochs=epochs, learning_rate=STUDY_LEARNING_RATES[kind] * factor,
+                      batch_size=8) for kind, epochs in parse_schedule(cell["schedule"])]
     c.dpo.beta = 0.2
     c.dpo.loss_type = "sigmoid"
     c.log_every = 10

@@ -6,6 +6,8 @@ locked result, so `--config.some.key=value` overrides of a key that does not exi
 
 from __future__ import annotations
 
+import re
+
 import ml_collections as mlc
 
 from jaxsftdpo.errors import UserError
@@ -137,3 +139,43 @@ def finalize(c: mlc.ConfigDict) -> mlc.ConfigDict:
     """Lock a config file's result so unknown override keys fail."""
     c.lock()
     return c
+
+
+# ---- the study's cells: `configs/paraphrase.py:schedule=sft9_dpo6,param=lora8` ------------------
+
+# The course starter's SFT rate and the study's DPO rate (GPT-2 small, batch 8). LoRA trains at
+# 10x those: an assumption, the study does not give its LoRA rates.
+STUDY_LEARNING_RATES = {"sft": 1e-5, "dpo": 5e-6}
+LORA_LEARNING_RATE_FACTOR = 10.0
+
+
+def parse_cell_arg(arg: str, defaults: dict) -> dict:
+    """`key=value,key=value` over `defaults`; an unknown key is an error."""
+    cell = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in defaults:
+            raise UserError(f"config argument {item!r}: use key=value with keys "
+                            f"{sorted(defaults)}")
+        cell[key] = value
+    return cell
+
+
+def parse_schedule(schedule: str) -> list[tuple[str, int]]:
+    """`sft9_dpo6` -> [("sft", 9), ("dpo", 6)]."""
+    parts = [re.fullmatch(r"(sft|dpo)(\d+)", p) for p in schedule.split("_")]
+    if not all(parts) or any(int(p[2]) < 1 for p in parts):
+        raise UserError(f"schedule={schedule!r}: use stages like sft15, dpo15 or sft9_dpo6")
+    return [(p[1], int(p[2])) for p in parts]
+
+
+def set_param(c, param: str) -> float:
+    """Full fine-tuning or LoRA of rank R; returns the learning-rate factor."""
+    if param == "fft":
+        c.param.kind = "fft"
+        return 1.0
+    match = re.fullmatch(r"lora(\d+)", param)
+    if not match or int(match[1]) < 1:
+        raise UserError(f"param={param!r}: use fft or loraR, e.g. lora8")
+    c.param.update(kind="lora", r=int(match[1]), alpha=2.0 * int(match[1]))
+    return LORA_LEARNING_RATE_FACTOR
