@@ -2,6 +2,7 @@
 
     python scripts/benchmark.py generate     # new tokens/s: jaxsftdpo vs transformers greedy
     python scripts/benchmark.py memory       # per-device bytes under FSDP, 1/2/4/8 devices
+    python scripts/benchmark.py train        # SFT/DPO x full/LoRA step time vs PyTorch
 
 Machines are shared and noisy, so each case is timed as the best of a few repeats and reported
 next to its reference measured in the same run.
@@ -160,6 +161,139 @@ def bench_memory(args):
                   f"{params * n / total((trainable, frozen)):18.3f}", flush=True)
 
 
+def bench_train(args):
+    """Step time of SFT and DPO, full and LoRA, against PyTorch + transformers (+ peft)."""
+    import copy
+
+    import jax
+    import jax.numpy as jnp
+    import torch
+    import torch.nn.functional as F
+    from flax import nnx
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config as HFConfig, GPT2LMHeadModel
+
+    from jaxsftdpo import lora, steps
+    from jaxsftdpo.config import stage
+    from jaxsftdpo.models.gpt2 import GPT2, GPT2Config
+
+    hf_config = HFConfig(n_layer=args.layers, n_embd=args.width, n_head=args.heads,
+                         n_positions=1024, attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0)
+    rng = np.random.default_rng(0)
+    b, t = args.batch, args.seq
+    ids = {side: rng.integers(0, hf_config.vocab_size, (b, t)).astype(np.int32)
+           for side in ("chosen", "rejected")}
+    loss_mask = np.zeros((b, t), bool)
+    loss_mask[:, t // 2:] = True           # the second half is the completion
+    ones = np.ones((b, t), bool)
+    optimizer_stage = stage("sft", steps=1000, learning_rate=1e-5)
+    lr, beta = optimizer_stage.learning_rate, 0.1
+
+    def jax_step(kind, param, reference="frozen_copy"):
+        model = GPT2(GPT2Config.from_hf(hf_config.to_dict()), rngs=nnx.Rngs(0))
+        if param == "lora":
+            lora.apply_lora(model, r=args.lora_r, alpha=2.0 * args.lora_r)
+        graphdef, trainable, frozen = lora.split_trainable(model, param)
+        tx, _ = steps.make_optimizer(optimizer_stage, 1000)
+        state = steps.init_train_state(tx, trainable)
+        dpo, ref = None, None
+        if kind == "sft":
+            batch = {"input_ids": ids["chosen"], "attention_mask": ones, "loss_mask": loss_mask}
+        else:
+            dpo = steps.DPOSettings(beta=beta, loss_type="sigmoid", label_smoothing=0.0,
+                                    sft_weight=0.0, reference=reference)
+            batch = {f"{side}_{name}": value for side in ("chosen", "rejected")
+                     for name, value in (("input_ids", ids[side]), ("attention_mask", ones),
+                                         ("loss_mask", loss_mask))}
+            if reference == "precomputed":
+                batch["ref_chosen_logps"] = np.zeros(b, np.float32)
+                batch["ref_rejected_logps"] = np.zeros(b, np.float32)
+            else:
+                ref = jax.tree.map(jnp.copy, trainable)
+        batch = jax.tree.map(lambda x: jnp.asarray(x)[None], batch)   # one micro-batch
+        step_fn = steps.make_train_step(kind, graphdef, tx, dpo)
+        holder = {"state": state}
+
+        def run():
+            holder["state"], metrics = step_fn(holder["state"], frozen, ref, batch, None)
+            jax.block_until_ready(metrics["loss"])
+        return run
+
+    def torch_step(kind, param):
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(hf_config)
+        reference = None
+        if param == "lora":
+            model = get_peft_model(model, LoraConfig(
+                r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, fan_in_fan_out=True,
+                target_modules=["c_attn", "c_proj", "c_fc"]))
+        elif kind == "dpo":
+            reference = copy.deepcopy(model).eval().requires_grad_(False)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        tids = {side: torch.from_numpy(v).long() for side, v in ids.items()}
+        tmask = torch.from_numpy(loss_mask[:, 1:])
+
+        def seq_logps(m, input_ids):
+            logits = m(input_ids).logits[:, :-1].float()
+            logps = torch.gather(F.log_softmax(logits, -1), 2, input_ids[:, 1:, None])[..., 0]
+            return (logps * tmask.repeat(input_ids.shape[0] // b, 1)).sum(-1)
+
+        def run():
+            if kind == "sft":
+                logits = model(tids["chosen"]).logits[:, :-1]
+                nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                      tids["chosen"][:, 1:].reshape(-1), reduction="none")
+                loss = (nll * tmask.reshape(-1)).sum() / tmask.sum()
+            else:
+                both = torch.cat([tids["chosen"], tids["rejected"]])
+                with torch.no_grad():
+                    if reference is None:
+                        with model.disable_adapter():
+                            ref = seq_logps(model, both)
+                    else:
+                        ref = seq_logps(reference, both)
+                pol = seq_logps(model, both)
+                margin = (pol[:b] - ref[:b]) - (pol[b:] - ref[b:])
+                loss = -F.logsigmoid(beta * margin).mean()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return run
+
+    print(f"GPT-2 {args.layers} layers, width {args.width}, {args.heads} heads, vocab "
+          f"{hf_config.vocab_size}, fp32; batch {b} (DPO: {b} pairs) x {t} tokens, AdamW; "
+          f"LoRA r={args.lora_r} on every linear layer; best of {args.repeats} steps after a "
+          f"warm-up step; torch threads {torch.get_num_threads()}", flush=True)
+    print(f"{'case':28s} {'jaxsftdpo s':>12s} {'torch s':>9s} {'speed-up':>9s} "
+          f"{'jax tokens/s':>13s}", flush=True)
+    timed = {}
+    for kind in args.kinds:
+        tokens = b * t * (2 if kind == "dpo" else 1)
+        for param in ("fft", "lora"):
+            ours = jax_step(kind, param)
+            ours()                                   # compile
+            jax_s = best_time(ours, args.repeats)
+            theirs = torch_step(kind, param)
+            theirs()
+            torch_s = best_time(theirs, args.repeats)
+            timed[kind, param] = jax_s
+            name = f"{kind} {param}" + (" (frozen ref)" if kind == "dpo" else "")
+            print(f"{name:28s} {jax_s:12.3f} {torch_s:9.3f} {torch_s / jax_s:8.2f}x "
+                  f"{tokens / jax_s:13.0f}", flush=True)
+            if kind == "dpo":
+                pre = jax_step(kind, param, reference="precomputed")
+                pre()
+                pre_s = best_time(pre, args.repeats)
+                print(f"{f'dpo {param} (precomputed ref)':28s} {pre_s:12.3f} {'':9s} "
+                      f"{'':9s} {tokens / pre_s:13.0f}   frozen copy / precomputed: "
+                      f"{jax_s / pre_s:.2f}x", flush=True)
+        print(f"{kind}: LoRA step / full step = {timed[kind, 'lora'] / timed[kind, 'fft']:.2f}",
+              flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -184,6 +318,16 @@ def main():
     mem.add_argument("--remat", action="store_true", help="rematerialise each block")
     mem.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8])
     mem.set_defaults(run=bench_memory)
+    train = sub.add_parser("train", help="SFT/DPO x full/LoRA step time vs PyTorch + transformers")
+    train.add_argument("--layers", type=int, default=12)
+    train.add_argument("--width", type=int, default=768)
+    train.add_argument("--heads", type=int, default=12)
+    train.add_argument("--batch", type=int, default=8)
+    train.add_argument("--seq", type=int, default=128)
+    train.add_argument("--lora-r", type=int, default=8)
+    train.add_argument("--repeats", type=int, default=3)
+    train.add_argument("--kinds", nargs="+", default=["sft", "dpo"], choices=["sft", "dpo"])
+    train.set_defaults(run=bench_train)
     args = parser.parse_args()
     args.run(args)
 
