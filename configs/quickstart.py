@@ -11,7 +11,7 @@ def get_config():
     c = base_config()
     c.model.name_or_path = ""
     c.model.init.update(model_type="gpt2", vocab_size=257, n_positions=64, n_embd=64,
-                        n_layer=2, n_head=4)
+                        n_layer=2, n_head=4, bos_token_id=256, eos_token_id=256)
     c.model.dropout = False
     c.model.tokenizer = "bytes"
     c.data.task = "yes_no"

@@ -97,8 +97,6 @@ class GPT2Config:
     @classmethod
     def from_hf(cls, hf: dict, **overrides) -> "GPT2Config":
         names = {f.name for f in dataclasses.fields(cls)} - set(_RUNTIME_FIELDS)
-        if hf.get("reorder_and_upcast_attn"):
-            pass  # we always compute attention scores in float32, which is what it asks for
         if not hf.get("tie_word_embeddings", True):
             raise UserError("GPT-2 checkpoints with untied output embeddings are not supported")
         return cls(**{k: v for k, v in hf.items() if k in names}, **overrides)
