@@ -14,7 +14,10 @@ _WORKDIR = workdir_flag()
 
 def main() -> None:
     from jaxsftdpo.trainer import train_and_evaluate
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    results = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    if "stopped_at_step" in results:
+        print(f"stopped at step {results['stopped_at_step']} with a checkpoint; rerun the same "
+              f"command to resume")
 
 
 if __name__ == "__main__":

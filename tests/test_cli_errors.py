@@ -102,3 +102,28 @@ def test_checkpoint_that_does_not_fit_the_model(tmp_path):
     returncode, _, err = finish(start(workdir, *first, "--config.seed=7"))
     assert_one_line_error(returncode, err, "different config")
     assert snapshot(workdir) == before
+
+
+def test_sigterm_checkpoints_and_the_same_command_resumes(tmp_path):
+    import signal
+    import time
+
+    workdir = tmp_path / "run"
+    longer = ["--config.data.n_train=256", "--config.stages[0].steps=300",
+              "--config.checkpoint_every=100000"]
+    process = start(workdir, *longer)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.exists() and metrics.stat().st_size) and time.time() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    returncode, out, err = finish(process)
+    assert returncode == 0, err
+    assert "stopped at step" in out and "rerun the same command" in out
+    assert not (workdir / "results.json").exists()
+    assert any((workdir / "checkpoints").iterdir())
+
+    returncode, out, err = finish(start(workdir, *longer))
+    assert returncode == 0, err
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["global_step"] == 301

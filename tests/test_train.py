@@ -143,8 +143,20 @@ def one_device_losses(tmp_path_factory):
     return [r["loss"] for r in metrics(workdir)]
 
 
+def record_train_steps(monkeypatch) -> list:
+    """The jitted step functions the trainer makes, to count their compilations."""
+    made, original = [], steps.make_train_step
+
+    def recording(*args, **kwargs):
+        made.append(original(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(steps, "make_train_step", recording)
+    return made
+
+
 @pytest.mark.parametrize("shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
-def test_meshes_give_the_losses_of_one_device(tmp_path, one_device_losses, shape):
+def test_meshes_give_the_losses_of_one_device(tmp_path, monkeypatch, one_device_losses, shape):
     config = tiny_config(sft_steps=3, dpo_steps=3, **{"mesh.data": shape[0],
                                                       "mesh.fsdp": shape[1],
                                                       "mesh.tensor": shape[2]})
@@ -154,9 +166,11 @@ def test_meshes_give_the_losses_of_one_device(tmp_path, one_device_losses, shape
         name = sharding.path_name(path)
         expected = jax.sharding.NamedSharding(run.mesh, sharding.spec_for(name, rules))
         assert variable.get_value().sharding.is_equivalent_to(expected, variable.ndim), name
+    made = record_train_steps(monkeypatch)
     trainer.train_and_evaluate(config, tmp_path)
     losses = [r["loss"] for r in metrics(tmp_path)]
     np.testing.assert_allclose(losses, one_device_losses, rtol=1e-5)
+    assert [fn._cache_size() for fn in made] == [1, 1]  # sharded state: no recompile at step 2
 
 
 def test_gradient_accumulation_gives_the_losses_of_one_big_batch(tmp_path, one_device_losses):
@@ -211,14 +225,7 @@ class TwoLengthTask(tasks.ClozeTask):
 
 def test_train_step_compiles_once_per_stage_and_bucket(tmp_path, monkeypatch):
     monkeypatch.setitem(tasks.TASKS, TwoLengthTask.name, TwoLengthTask)
-    made = []
-    original = steps.make_train_step
-
-    def recording(*args, **kwargs):
-        made.append(original(*args, **kwargs))
-        return made[-1]
-
-    monkeypatch.setattr(steps, "make_train_step", recording)
+    made = record_train_steps(monkeypatch)
     config = tiny_config(sft_steps=0, dpo_steps=0, **{"data.task": TwoLengthTask.name,
                                                       "model.init.n_positions": 128,
                                                       "mesh.data": 1})
