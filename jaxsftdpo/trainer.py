@@ -237,7 +237,9 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str, *, stop_after_steps
         run.trainable = resume.params(run.trainable)
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:  # files once; Orbax checkpoints are saved by every process
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+        staged = workdir / "config.json.tmp"  # renamed into place: other hosts read it
+        staged.write_text(config.to_json_best_effort(indent=2) + "\n")
+        staged.replace(workdir / "config.json")
         run.tokenizer.save(str(workdir / "tokenizer"))
     writer = MetricsWriter(workdir, is_main=jax.process_index() == 0)
     for note in run.data_notes:
