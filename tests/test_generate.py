@@ -133,3 +133,9 @@ def test_bad_requests_raise_one_line_errors(models, kwargs, message):
     _, model = models
     with pytest.raises(UserError, match=message):
         gen.generate(model, *left_padded_prompts([5]), **kwargs)
+
+
+def test_first_argmax_is_argmax_with_ties_to_the_first():
+    logits = np.random.default_rng(0).normal(size=(16, 50)).astype(np.float32)
+    logits[3, [7, 20]] = 10.0          # a tie: the first index wins, as in jnp.argmax
+    np.testing.assert_array_equal(gen.first_argmax(logits), np.argmax(logits, -1))
