@@ -13,8 +13,7 @@ those rates: an assumption, the study does not give its LoRA rates. Data paths d
 `data/quora-{train,dev}.csv`; set `--config.data.test` to also write the test predictions.
 """
 
-from jaxsftdpo.config import (STUDY_LEARNING_RATES, base_config, finalize, parse_cell_arg,
-                              parse_schedule, set_param, stage)
+from jaxsftdpo.config import apply_study_training, base_config, finalize, parse_cell_arg
 
 DEFAULTS = {"schedule": "sft15", "param": "fft", "scale": "1"}
 
@@ -27,11 +26,7 @@ def get_config(arg: str = ""):
     c.data.train = "data/quora-train.csv"
     c.data.dev = "data/quora-dev.csv"
     c.data.scale = float(cell["scale"])
-    factor = set_param(c, cell["param"])
-    c.stages = [stage(kind, epochs=epochs, learning_rate=STUDY_LEARNING_RATES[kind] * factor,
-                      batch_size=8) for kind, epochs in parse_schedule(cell["schedule"])]
-    c.dpo.beta = 0.2
-    c.dpo.loss_type = "sigmoid"
+    apply_study_training(c, cell)
     c.log_every = 50
     c.checkpoint_every = 2000
     return finalize(c)

@@ -12,8 +12,7 @@ new tokens) and of the study (DPO sigmoid loss, beta 0.2, learning rate 5e-6); c
 over three sampling seeds. Data paths default to the course's file names under `data/`.
 """
 
-from jaxsftdpo.config import (STUDY_LEARNING_RATES, base_config, finalize, parse_cell_arg,
-                              parse_schedule, set_param, stage)
+from jaxsftdpo.config import apply_study_training, base_config, finalize, parse_cell_arg
 
 DEFAULTS = {"schedule": "sft10", "param": "fft", "temperature": "1.2", "top_p": "0.9",
             "pairing": "one_sample", "k": "4"}
@@ -34,11 +33,7 @@ def get_config(arg: str = ""):
     c.data.eval_batch_size = 12
     c.data.pairing = cell["pairing"]
     c.data.pairing_k = int(cell["k"])
-    factor = set_param(c, cell["param"])
-    c.stages = [stage(kind, epochs=epochs, learning_rate=STUDY_LEARNING_RATES[kind] * factor,
-                      batch_size=8) for kind, epochs in parse_schedule(cell["schedule"])]
-    c.dpo.beta = 0.2
-    c.dpo.loss_type = "sigmoid"
+    apply_study_training(c, cell)
     c.log_every = 10
     c.checkpoint_every = 500
     return finalize(c)

@@ -169,6 +169,16 @@ def parse_schedule(schedule: str) -> list[tuple[str, int]]:
     return [(p[1], int(p[2])) for p in parts]
 
 
+def apply_study_training(c: mlc.ConfigDict, cell: dict) -> None:
+    """The study's training of a cell (`param`, `schedule`): the parameterization, stages at
+    the study's learning rates with batch 8, and DPO's sigmoid loss at beta 0.2."""
+    factor = set_param(c, cell["param"])
+    c.stages = [stage(kind, epochs=epochs, learning_rate=STUDY_LEARNING_RATES[kind] * factor,
+                      batch_size=8) for kind, epochs in parse_schedule(cell["schedule"])]
+    c.dpo.beta = 0.2
+    c.dpo.loss_type = "sigmoid"
+
+
 def set_param(c, param: str) -> float:
     """Full fine-tuning or LoRA of rank R; returns the learning-rate factor."""
     if param == "fft":
