@@ -25,9 +25,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 
 from jaxsftdpo.errors import UserError
+from jaxsftdpo.reporting import write_atomically
 
 RESULTS_FILE = "results.json"
 
@@ -35,17 +35,9 @@ RESULTS_FILE = "results.json"
 # ---- held-out preference pairs and their DPO metrics ----------------------------------------
 
 def held_out_pairs(task) -> list[dict]:
-    """`prompt`/`chosen`/`rejected` pairs of the task's dev examples, or `[]` if it has none.
-
-    A task may define `dev_preference_pairs()`; a cloze task gives one pair per wrong answer.
-    """
-    if hasattr(task, "dev_preference_pairs"):
-        return list(task.dev_preference_pairs())
-    dev, answers = getattr(task, "dev", None), getattr(task, "answers", None)
-    if not dev or not answers or any("label" not in e for e in dev):
-        return []
-    return [{"prompt": e["prompt"], "chosen": answers[e["label"]], "rejected": answers[other]}
-            for e in dev for other in sorted(answers) if other != e["label"]]
+    """The task's held-out `prompt`/`chosen`/`rejected` pairs (`dev_preference_pairs()`), or
+    `[]` for a task without them."""
+    return list(task.dev_preference_pairs()) if hasattr(task, "dev_preference_pairs") else []
 
 
 def dpo_metrics(policy, reference, pairs: list[dict], dpo_config, batch_size: int,
@@ -53,7 +45,7 @@ def dpo_metrics(policy, reference, pairs: list[dict], dpo_config, batch_size: in
     """Mean DPO metrics of `policy` against `reference` (both `Policy`s) over `pairs`."""
     import jax.numpy as jnp
 
-    from jaxsftdpo import losses, sharding, steps
+    from jaxsftdpo import losses
     from jaxsftdpo.data import batching
 
     tokenized = batching.tokenize_preferences(pairs, policy.tokenizer, policy.max_length,
@@ -61,21 +53,10 @@ def dpo_metrics(policy, reference, pairs: list[dict], dpo_config, batch_size: in
     items = tokenized.items
     if not items:
         return {}
-    logps = {name: np.zeros(len(items), np.float32)
-             for name in ("chosen", "rejected", "ref_chosen", "ref_rejected")}
-    size = policy.batch_size(batch_size)
-    for batch in batching.batches_for_epoch(items, size, policy.tokenizer.pad_token_id,
-                                            policy.buckets, shuffle=False, drop_last=False):
-        index = batch.pop("index")
-        keep = index >= 0
-        for prefix, model in (("", policy), ("ref_", reference)):
-            placed = sharding.place_batch(batch, model.mesh)
-            chosen, rejected = steps.pair_logps(model.graphdef, model.trainable, model.frozen,
-                                                placed)
-            logps[prefix + "chosen"][index[keep]] = np.asarray(chosen)[keep]
-            logps[prefix + "rejected"][index[keep]] = np.asarray(rejected)[keep]
+    logps = (*policy.sequence_logps(items, batch_size),
+             *reference.sequence_logps(items, batch_size))
     loss_sum, count, sums = losses.dpo_loss(
-        *(jnp.asarray(logps[k]) for k in ("chosen", "rejected", "ref_chosen", "ref_rejected")),
+        *(jnp.asarray(x) for x in logps),
         beta=dpo_config.beta, loss_type=dpo_config.loss_type,
         label_smoothing=dpo_config.label_smoothing)
     out = {name: float(value) / float(count) for name, value in sums.items()}
@@ -100,9 +81,7 @@ def _evaluate(config, task, policy, reference) -> tuple[dict, object]:
 def _write(results: dict, evaluation, task, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     task.write_predictions(evaluation, out)
-    tmp = out / (RESULTS_FILE + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(out / RESULTS_FILE)
+    write_atomically(out / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
     print(f"wrote {out / RESULTS_FILE}")
 

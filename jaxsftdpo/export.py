@@ -129,13 +129,11 @@ def main() -> None:
     f = flags.FLAGS
 
     def export():
-        if not f.workdir or not f.out:
-            raise UserError("--workdir and --out are required, e.g. python -m jaxsftdpo.export "
-                            "--workdir runs/quick --out hf/quick")
         export_run(f.workdir, f.out, peft=f.peft, step=f.step, overwrite=f.overwrite)
 
     from jaxsftdpo.cli import run_cli
-    run_cli(export)
+    run_cli(export, required={"workdir": "the training run to export, e.g. --workdir runs/quick",
+                              "out": "where to write it, e.g. --out hf/quick"})
 
 
 if __name__ == "__main__":

@@ -40,6 +40,23 @@ class Policy:
             out.append(self.last_token_logits(batch)[:len(rows)])
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
+    def sequence_logps(self, items: list, batch_size: int):
+        """Summed completion log-probs of tokenized items, in their order: `[N]` for
+        `batching.Sequence`s, `(chosen [N], rejected [N])` for `batching.PreferencePair`s."""
+        pairs = bool(items) and isinstance(items[0], batching.PreferencePair)
+        out = np.zeros((2 if pairs else 1, len(items)), np.float32)
+        score = steps.pair_logps if pairs else steps.sequence_logps
+        for batch in batching.batches_for_epoch(items, self.batch_size(batch_size),
+                                                self.tokenizer.pad_token_id, self.buckets,
+                                                shuffle=False, drop_last=False):
+            index = batch.pop("index")
+            keep = index >= 0
+            logps = score(self.graphdef, self.trainable, self.frozen,
+                          sharding.place_batch(batch, self.mesh))
+            for row, values in zip(out, logps if pairs else (logps,)):
+                row[index[keep]] = sharding.to_host(values)[keep]
+        return (out[0], out[1]) if pairs else out[0]
+
     def generate(self, prompts: list[str], *, max_new_tokens: int, temperature: float = 0.0,
                  top_p: float | None = None, top_k: int | None = None, seed: int = 0,
                  batch_size: int = 32) -> list[str]:

@@ -6,6 +6,15 @@ import json
 from pathlib import Path
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path` and rename it into place, so no reader
+    (another host, a resumed run) ever sees it half-written."""
+    path = Path(path)
+    staged = path.with_name(path.name + ".tmp")
+    staged.write_text(text)
+    staged.replace(path)
+
+
 class MetricsWriter:
     """Appends one JSON object per logged step to metrics.jsonl and mirrors it to TensorBoard.
 

@@ -40,8 +40,8 @@ class DPOSettings:
     loss_type: str
     label_smoothing: float
     sft_weight: float
-    reference: str       # "frozen_copy" (policy-shaped `ref` params), "zero_adapters" (LoRA:
-                         # the frozen base alone), "precomputed" (logps in the batch), "none"
+    reference: str       # "frozen_copy" (policy-shaped `ref` params), "precomputed" (logps
+                         # in the batch), "none"
 
 
 def _concat_pairs(batch: dict) -> tuple:
@@ -79,8 +79,6 @@ def reference_logps(graphdef, trainable, frozen, ref, batch, dpo: DPOSettings):
     if dpo.reference == "none":
         zeros = jnp.zeros(batch["chosen_input_ids"].shape[0], jnp.float32)
         return zeros, zeros
-    if dpo.reference == "zero_adapters":
-        ref = jax.tree.map(jnp.zeros_like, trainable)
     model = nnx.merge(graphdef, jax.lax.stop_gradient(ref), frozen)
     _, logps = sequence_logps_of_pairs(model, batch)
     return jax.tree.map(jax.lax.stop_gradient, logps)
@@ -260,6 +258,14 @@ def pair_logps(graphdef, trainable, frozen, batch):
     """Summed completion log-probs `(chosen, rejected)` of a pair batch (no micro-batch axis)."""
     model = nnx.merge(graphdef, trainable, frozen)
     return sequence_logps_of_pairs(model, batch)[1]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def sequence_logps(graphdef, trainable, frozen, batch):
+    """Summed completion log-probs `[B]` of a sequence batch (no micro-batch axis)."""
+    model = nnx.merge(graphdef, trainable, frozen)
+    logits = model(batch["input_ids"], batch["attention_mask"])
+    return losses.sequence_logprobs(logits, batch["input_ids"], batch["loss_mask"])
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))

@@ -13,16 +13,13 @@ accuracy and macro F1. The sonnet task samples continuations and reports chrF; t
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 from typing import NamedTuple
 
-import jax
 import numpy as np
-from flax import nnx
 
-from jaxsftdpo import chrf, losses, sharding
+from jaxsftdpo import chrf
 from jaxsftdpo.data import batching, jsonl, paraphrase, sonnets, synthetic
 from jaxsftdpo.errors import UserError
 
@@ -76,11 +73,17 @@ class ClozeTask:
         return self.train
 
     def preference_pairs(self, policy=None) -> list[dict]:
-        return [{"prompt": e["prompt"], "chosen": self.answers[e["label"]],
-                 "rejected": self.answers[self._other(e["label"])]} for e in self.train]
+        return self._pairs(self.train)
 
-    def _other(self, label: int) -> int:
-        return next(k for k in self.labels if k != label)
+    def dev_preference_pairs(self) -> list[dict]:
+        """Held-out pairs for the DPO metrics of `evaluate`."""
+        return self._pairs(self.dev)
+
+    def _pairs(self, examples: list[dict]) -> list[dict]:
+        """Chosen = the correct answer, rejected = each other answer."""
+        return [{"prompt": e["prompt"], "chosen": self.answers[e["label"]],
+                 "rejected": self.answers[other]}
+                for e in examples for other in self.labels if other != e["label"]]
 
     def evaluate(self, policy, batch_size: int) -> Evaluation:
         """Predict the answer whose first token has the larger logit after each dev prompt."""
@@ -359,24 +362,8 @@ def _tokenize_dev(examples: list[dict], tokenizer, max_length: int) -> list[dict
 def completion_logps(policy, sequences: list, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Summed completion log-probs of `batching.Sequence`s under `policy`, and their token counts
     (the first token, which has no logit before it, is not counted)."""
-    logps = np.zeros(len(sequences), np.float32)
-    for batch in batching.batches_for_epoch(sequences, policy.batch_size(batch_size),
-                                            policy.tokenizer.pad_token_id, policy.buckets,
-                                            shuffle=False, drop_last=False):
-        index = batch.pop("index")
-        keep = index >= 0
-        out = _sequence_logps(policy.graphdef, policy.trainable, policy.frozen,
-                              sharding.place_batch(batch, policy.mesh))
-        logps[index[keep]] = np.asarray(out)[keep]
     counts = np.array([s.loss_mask[1:].sum() for s in sequences], np.int64)
-    return logps, counts
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _sequence_logps(graphdef, trainable, frozen, batch):
-    model = nnx.merge(graphdef, trainable, frozen)
-    logits = model(batch["input_ids"], batch["attention_mask"])
-    return losses.sequence_logprobs(logits, batch["input_ids"], batch["loss_mask"])
+    return policy.sequence_logps(sequences, batch_size), counts
 
 
 TASKS = {task.name: task for task in (YesNoTask, ParaphraseTask, SonnetTask, JsonlTask)}

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import signal
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from jaxsftdpo.config import validate
 from jaxsftdpo.data import batching
 from jaxsftdpo.data.tokenizer import load_tokenizer
 from jaxsftdpo.errors import UserError
-from jaxsftdpo.reporting import MetricsWriter, plot_losses, results_table
+from jaxsftdpo.reporting import MetricsWriter, plot_losses, results_table, write_atomically
 from jaxsftdpo.models import FAMILIES, from_pretrained
 from jaxsftdpo.policy import Policy
 from jaxsftdpo.tasks import make_task
@@ -120,7 +119,6 @@ def _load_model(config, mesh):
     graphdef, abstract_state = nnx.split(abstract)
     shardings = sharding.state_shardings(abstract_state, mesh, family.PARTITION_RULES)
 
-    @jax.jit
     def init_params():
         return nnx.state(family.build(model_config, config.model.init_seed))
 
@@ -183,9 +181,7 @@ def _policy_pairs(run: Run, stage_idx: int, workdir: Path) -> list:
     else:
         pairs = run.task.preference_pairs(_policy(run, run.trainable))
         if jax.process_index() == 0:
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(p) + "\n" for p in pairs))
-            tmp.replace(path)
+            write_atomically(path, "".join(json.dumps(p) + "\n" for p in pairs))
     where = f"config.stages[{stage_idx}] (dpo)"
     if not pairs:
         raise UserError(f"{where}: the task produced no preference pairs from the policy")
@@ -237,9 +233,7 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str, *, stop_after_steps
         run.trainable = resume.params(run.trainable)
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:  # files once; Orbax checkpoints are saved by every process
-        staged = workdir / "config.json.tmp"  # renamed into place: other hosts read it
-        staged.write_text(config.to_json_best_effort(indent=2) + "\n")
-        staged.replace(workdir / "config.json")
+        write_atomically(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
         run.tokenizer.save(str(workdir / "tokenizer"))
     writer = MetricsWriter(workdir, is_main=jax.process_index() == 0)
     for note in run.data_notes:
@@ -349,17 +343,7 @@ def _make_step(run: Run, kind: str, tx, dpo, state):
 
 def _precompute_reference(run: Run, items, stage) -> dict:
     """Reference log-probs of every pair, one pass; then no reference weights are kept."""
-    chosen, rejected = np.zeros(len(items), np.float32), np.zeros(len(items), np.float32)
-    size = _policy(run, run.trainable).batch_size(stage.batch_size)
-    buckets = batching.default_buckets(run.max_length)
-    for batch in batching.batches_for_epoch(items, size, run.tokenizer.pad_token_id, buckets,
-                                            shuffle=False, drop_last=False):
-        index = batch.pop("index")
-        c, r = steps.pair_logps(run.graphdef, run.trainable, run.frozen,
-                                sharding.place_batch(batch, run.mesh))
-        keep = index >= 0
-        chosen[index[keep]] = sharding.to_host(c)[keep]
-        rejected[index[keep]] = sharding.to_host(r)[keep]
+    chosen, rejected = _policy(run, run.trainable).sequence_logps(items, stage.batch_size)
     return {"chosen": chosen, "rejected": rejected}
 
 

@@ -13,7 +13,6 @@ from flax import nnx
 from jaxsftdpo import checkpoint, lora, sharding, steps, tasks, trainer
 from jaxsftdpo.config import stage
 from jaxsftdpo.data import batching
-from jaxsftdpo.policy import Policy
 
 ROOT = Path(__file__).resolve().parents[1]
 
