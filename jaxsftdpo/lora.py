@@ -44,8 +44,8 @@ class LoRA(nnx.Module):
 
     def __call__(self, x: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
         x = layers.dropout(x, self.dropout_rate, dropout_rng)
-        h = x @ self.lora_a[...].astype(x.dtype)
-        return (h @ self.lora_b[...].astype(x.dtype)) * self.scale
+        h = layers.project(x, self.lora_a[...].astype(x.dtype))
+        return layers.project(h, self.lora_b[...].astype(x.dtype)) * self.scale
 
     def delta(self) -> jax.Array:
         """`A @ B * scale` in float32: what merging adds to the kernel."""

@@ -98,7 +98,7 @@ def hf_gpt2(model: GPT2):
 
 
 @pytest.mark.parametrize("use_rslora", [False, True])
-def test_logits_match_peft(use_rslora):
+def test_logits_and_adapter_gradients_match_peft(use_rslora):
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     model = tiny_gpt2()
@@ -118,9 +118,20 @@ def test_logits_match_peft(use_rslora):
             peft_layer.lora_A["default"].weight.copy_(to_torch(lora.lora_a[...].T))
             peft_layer.lora_B["default"].weight.copy_(to_torch(lora.lora_b[...].T))
     ids = input_ids()
-    with torch.no_grad():
-        expected = peft_model(to_torch(ids).long()).logits.numpy()
-    np.testing.assert_allclose(model(ids), expected, atol=1e-4)
+    logits = peft_model(to_torch(ids).long()).logits
+    np.testing.assert_allclose(model(ids), logits.detach().numpy(), atol=1e-4)
+
+    logits.logsumexp(-1).sum().backward()
+    graphdef, trainable, frozen = split_trainable(model, "lora")
+    grads = nnx.merge(graphdef, jax.grad(
+        lambda t: jax.nn.logsumexp(nnx.merge(graphdef, t, frozen)(ids), -1).sum())(trainable),
+        frozen)
+    for path, grad in adapters(grads).items():
+        peft_layer = transformer.get_submodule(path)
+        np.testing.assert_allclose(grad.lora_a[...].T, peft_layer.lora_A["default"].weight.grad,
+                                   rtol=1e-4, atol=1e-6, err_msg=path)
+        np.testing.assert_allclose(grad.lora_b[...].T, peft_layer.lora_B["default"].weight.grad,
+                                   rtol=1e-4, atol=1e-6, err_msg=path)
 
 
 def test_lora_training_updates_only_adapters():

@@ -103,7 +103,9 @@ def test_pmap_step_equals_jit_step(kind, param):
     for j, p in zip(jit_hist, pmap_hist):
         assert set(j) == set(p)
         for name in j:
-            np.testing.assert_allclose(p[name], j[name], rtol=1e-5, atol=1e-7, err_msg=name)
+            # Rewards are beta times differences of log-prob sums of a few hundred nats, so
+            # float32 rounds them to about 1e-6 absolute, however small the difference.
+            np.testing.assert_allclose(p[name], j[name], rtol=1e-5, atol=1e-6, err_msg=name)
     assert jit_hist[1]["loss"] != jit_hist[0]["loss"]  # the second step saw updated weights
     # Adam turns a gradient that is zero up to rounding (a key bias: softmax ignores it) into
     # a step of +-lr whose sign is noise, so parameters agree to a small fraction of lr = 1e-2.

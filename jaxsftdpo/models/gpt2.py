@@ -18,7 +18,8 @@ from jax.sharding import PartitionSpec as P
 
 from jaxsftdpo.errors import UserError
 from jaxsftdpo.models.layers import (KVCache, LayerNorm, Linear, attention, attention_mask_for,
-                                     default_position_ids, dropout, head_scale, split_rng)
+                                     default_position_ids, dropout, head_scale, project,
+                                     split_rng)
 
 MODEL_TYPE = "gpt2"
 
@@ -239,7 +240,8 @@ class GPT2(nnx.Module):
                 keys.append(new_kv[0])
                 values.append(new_kv[1])
         x = self.ln_f(x)
-        logits = self.wte.attend(x.astype(c.dtype)).astype(jnp.float32)
+        embedding = self.wte.embedding[...].astype(c.dtype)
+        logits = project(x.astype(c.dtype), embedding, transposed=True).astype(jnp.float32)
         return logits, (tuple(keys), tuple(values))
 
 

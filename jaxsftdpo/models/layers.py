@@ -6,12 +6,45 @@ explicit key so a train step stays a pure function of (state, batch, key).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def project(x: jax.Array, w: jax.Array, transposed: bool = False) -> jax.Array:
+    """`x @ w` over the last axis of `x` for `w` `[in, out]`; `x @ w.T` with `transposed`
+    (`w` `[out, in]`, as a tied embedding is stored). `x` and `w` share a dtype.
+
+    The gradients are written out as plain products over the flattened tokens. JAX's own
+    transpose rule reaches XLA:CPU with transposes that layout assignment folds into the fusion
+    producing the output gradient, which then writes a second, transposed copy of it, element
+    by element: that took 30% of a GPT-2-small full fine-tuning step and half of a LoRA step.
+    """
+    return _project_fwd(x, w, transposed)[0]
+
+
+def _project_fwd(x, w, transposed):
+    x2 = x.reshape(-1, x.shape[-1])
+    y = jax.lax.dot_general(x2, w, (((1,), (1 if transposed else 0,)), ((), ())))
+    return y.reshape(*x.shape[:-1], y.shape[-1]), (x, w)
+
+
+def _project_bwd(transposed, residuals, dy):
+    x, w = residuals
+    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    tokens = ((0,), (0,)), ((), ())
+    dx = jax.lax.dot_general(dy2, w, (((1,), (0 if transposed else 1,)), ((), ())))
+    dw = (jax.lax.dot_general(dy2, x2, tokens) if transposed
+          else jax.lax.dot_general(x2, dy2, tokens))
+    return dx.reshape(x.shape).astype(x.dtype), dw.astype(w.dtype)
+
+
+project.defvjp(_project_fwd, _project_bwd)
 
 
 class Linear(nnx.Module):
@@ -34,7 +67,7 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
         x = x.astype(self.dtype)
-        y = x @ self.kernel[...].astype(self.dtype)
+        y = project(x, self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora is not None:
