@@ -120,7 +120,9 @@ def _generate_jit(graphdef, state, ids, mask, temperature, top_p, key, *, max_ne
     batch, width = ids.shape
     positions = default_position_ids(mask)
     cache = model.init_cache(batch, width + max_new_tokens)
-    logits, cache = model.decode(ids, positions, mask, cache)
+    # Prompts are left-padded: only the last position's logits are needed.
+    last = jnp.full((batch, 1), width - 1, jnp.int32)
+    logits, cache = model.decode(ids, positions, mask, cache, logits_at=last)
     eos = -1 if eos_token_id is None else eos_token_id
     fill = 0 if eos_token_id is None else eos_token_id
     sample = functools.partial(sample_token, temperature=temperature, top_p=top_p, greedy=greedy,

@@ -20,30 +20,50 @@ DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
 _SMOOTHED_LOSS_TYPES = ("sigmoid", "robust")
 
 
-def _scored_mask(loss_mask: jax.Array) -> jax.Array:
+def scored_mask(loss_mask: jax.Array) -> jax.Array:
     """`[B,T]` bool: `loss_mask` with position 0, which has no preceding logit, cleared."""
     return jnp.asarray(loss_mask, bool).at[:, 0].set(False)
 
 
+def picked_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """`[B,K]` float32 log-probability of `targets [B,K]` under `logits [B,K,V]` (any float
+    dtype, computed in float32), as `logit[target] - logsumexp(logits)`: no one-hot or
+    log-softmax array beyond the float32 logits is materialised."""
+    logits = logits.astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
 def token_logprobs(logits: jax.Array, input_ids: jax.Array) -> jax.Array:
     """`[B,T]` float32 log-probability of each token under the logit before it; 0 at position 0.
+    `logits [B,T,V]`, `input_ids [B,T]` int."""
+    return jnp.pad(picked_logprobs(logits[:, :-1], input_ids[:, 1:]), ((0, 0), (1, 0)))
 
-    `logits [B,T,V]` (any float dtype, computed in float32), `input_ids [B,T]` int. The
-    log-softmax is taken as `logit[token] - logsumexp(logits)`, so no `[B,T,V]` one-hot or
-    log-softmax array beyond the float32 logits is materialised.
-    """
-    logits = logits[:, :-1].astype(jnp.float32)
-    targets = input_ids[:, 1:, None].astype(jnp.int32)
-    picked = jnp.take_along_axis(logits, targets, axis=-1)[..., 0]
-    logps = picked - jax.nn.logsumexp(logits, axis=-1)
-    return jnp.pad(logps, ((0, 0), (1, 0)))
+
+def scored_token_index(loss_mask: jax.Array, count: int) -> tuple[jax.Array, jax.Array]:
+    """`(index, valid)`, both `[B, count]`: the positions of each row's first `count` scored
+    tokens (their logits sit one position earlier), and which entries are real. Padding
+    entries point at position 1 and are not valid."""
+    mask = scored_mask(loss_mask)
+    index = jax.vmap(lambda row: jnp.nonzero(row, size=count, fill_value=1)[0])(mask)
+    valid = jnp.arange(count)[None, :] < mask.sum(-1, keepdims=True)
+    return index.astype(jnp.int32), valid
+
+
+def nll(logps: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`(nll_sum, token_count)`, float32 scalars, of the `valid` entries of token log-probs."""
+    return -jnp.where(valid, logps, 0.0).sum(), valid.sum().astype(jnp.float32)
+
+
+def sequence_sums(logps: jax.Array, valid: jax.Array) -> jax.Array:
+    """`[B]` float32: each row's sum (not mean, as DPO uses) of its `valid` token log-probs."""
+    return jnp.where(valid, logps, 0.0).sum(-1)
 
 
 def sequence_logprobs(logits: jax.Array, input_ids: jax.Array,
                       loss_mask: jax.Array) -> jax.Array:
-    """`[B]` float32: sum (not mean, as DPO uses) of completion-token log-probabilities."""
-    logps = token_logprobs(logits, input_ids)
-    return jnp.where(_scored_mask(loss_mask), logps, 0.0).sum(-1)
+    """`[B]` float32: sum of completion-token log-probabilities."""
+    return sequence_sums(token_logprobs(logits, input_ids), scored_mask(loss_mask))
 
 
 def sft_loss(logits: jax.Array, input_ids: jax.Array,
@@ -53,9 +73,7 @@ def sft_loss(logits: jax.Array, input_ids: jax.Array,
     The mean cross-entropy is `nll_sum / token_count` once both are summed over all
     micro-batches and devices.
     """
-    mask = _scored_mask(loss_mask)
-    logps = token_logprobs(logits, input_ids)
-    return -jnp.where(mask, logps, 0.0).sum(), mask.sum().astype(jnp.float32)
+    return nll(token_logprobs(logits, input_ids), scored_mask(loss_mask))
 
 
 def split_chosen_rejected(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -66,18 +84,17 @@ def split_chosen_rejected(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return x[: n // 2], x[n // 2:]
 
 
-def dpo_sft_term(logits: jax.Array, input_ids: jax.Array,
-                 loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+def dpo_sft_term(logps: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
     """`(nll_sum, chosen_token_count)`: the SFT loss on the chosen half of a DPO batch.
 
-    Takes the concatenated `[2B,...]` forward (chosen rows first) and masks out the rejected
-    rows, so the log-softmax is the same computation as `sequence_logprobs` on the full
-    batch and XLA computes it once. This is TRL's `rpo_alpha` term; the step combines it as
+    Takes the token log-probs of the concatenated `[2B, K]` forward (chosen rows first), the
+    ones DPO's sequence sums come from, and masks out the rejected rows. This is TRL's
+    `rpo_alpha` term; the step combines it as
     `total = dpo_loss_sum / pairs + weight * nll_sum / chosen_tokens`, each sum and count
     reduced over micro-batches and devices first.
     """
-    chosen_rows = jnp.arange(loss_mask.shape[0])[:, None] < loss_mask.shape[0] // 2
-    return sft_loss(logits, input_ids, jnp.asarray(loss_mask, bool) & chosen_rows)
+    chosen_rows = jnp.arange(valid.shape[0])[:, None] < valid.shape[0] // 2
+    return nll(logps, valid & chosen_rows)
 
 
 def check_dpo_options(loss_type: str, *, beta: float, label_smoothing: float) -> None:

@@ -46,13 +46,16 @@ class Policy:
         pairs = bool(items) and isinstance(items[0], batching.PreferencePair)
         out = np.zeros((2 if pairs else 1, len(items)), np.float32)
         score = steps.pair_logps if pairs else steps.sequence_logps
+        # The bound the train step uses on the same items: the same computation, row by row,
+        # so precomputed reference log-probs equal the policy's at the hand-off exactly.
+        scored_tokens = batching.scored_tokens_bound(items) if items else None
         for batch in batching.batches_for_epoch(items, self.batch_size(batch_size),
                                                 self.tokenizer.pad_token_id, self.buckets,
                                                 shuffle=False, drop_last=False):
             index = batch.pop("index")
             keep = index >= 0
             logps = score(self.graphdef, self.trainable, self.frozen,
-                          sharding.place_batch(batch, self.mesh))
+                          sharding.place_batch(batch, self.mesh), scored_tokens)
             for row, values in zip(out, logps if pairs else (logps,)):
                 row[index[keep]] = sharding.to_host(values)[keep]
         return (out[0], out[1]) if pairs else out[0]

@@ -65,14 +65,32 @@ def normalisers(kind: str, batch: dict, axis_name: str | None = None) -> dict:
     return {name: jnp.maximum(n, 1).astype(jnp.float32) for name, n in counts.items()}
 
 
-def sequence_logps_of_pairs(model, batch: dict):
-    """Summed completion log-probs of the chosen and rejected rows, one forward for both."""
-    ids, mask, loss_mask = _concat_pairs(batch)
-    logits = model(ids, mask)
-    return logits, losses.split_chosen_rejected(losses.sequence_logprobs(logits, ids, loss_mask))
+def completion_logps(model, input_ids, attention_mask, loss_mask, scored_tokens=None,
+                     dropout_rng=None) -> tuple[jax.Array, jax.Array]:
+    """`(logps, valid)`, both `[B, K]`: log-probs of the tokens `loss_mask` scores.
+
+    With `scored_tokens` (at least as many as any row scores) and fewer than the sequence
+    length, the LM head runs only at the K = `scored_tokens` positions that predict them: a
+    large share of the step when completions are short (a paraphrase answer is one token,
+    and GPT-2's LM head is a third of its forward). Otherwise at every position, K = T.
+    """
+    if scored_tokens is None or scored_tokens >= input_ids.shape[1] - 1:
+        logits = model(input_ids, attention_mask, dropout_rng=dropout_rng)
+        return losses.token_logprobs(logits, input_ids), losses.scored_mask(loss_mask)
+    index, valid = losses.scored_token_index(loss_mask, scored_tokens)
+    logits = model(input_ids, attention_mask, dropout_rng=dropout_rng, logits_at=index - 1)
+    return losses.picked_logprobs(logits, jnp.take_along_axis(input_ids, index, 1)), valid
 
 
-def reference_logps(graphdef, trainable, frozen, ref, batch, dpo: DPOSettings):
+def pair_completion_logps(model, batch: dict, scored_tokens=None):
+    """Token log-probs `[2B, K]` of the chosen then rejected rows (one forward for both), their
+    mask, and the summed completion log-probs `(chosen [B], rejected [B])`."""
+    logps, valid = completion_logps(model, *_concat_pairs(batch), scored_tokens)
+    return logps, valid, losses.split_chosen_rejected(losses.sequence_sums(logps, valid))
+
+
+def reference_logps(graphdef, trainable, frozen, ref, batch, dpo: DPOSettings,
+                    scored_tokens=None):
     """Reference log-probs of a micro-batch, never differentiated."""
     if dpo.reference == "precomputed":
         return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
@@ -80,25 +98,29 @@ def reference_logps(graphdef, trainable, frozen, ref, batch, dpo: DPOSettings):
         zeros = jnp.zeros(batch["chosen_input_ids"].shape[0], jnp.float32)
         return zeros, zeros
     model = nnx.merge(graphdef, jax.lax.stop_gradient(ref), frozen)
-    _, logps = sequence_logps_of_pairs(model, batch)
+    logps = pair_completion_logps(model, batch, scored_tokens)[2]
     return jax.tree.map(jax.lax.stop_gradient, logps)
 
 
-def sft_loss(trainable, frozen, ref, batch, rng, norm, *, graphdef, dpo=None):
+def sft_loss(trainable, frozen, ref, batch, rng, norm, *, graphdef, dpo=None,
+             scored_tokens=None):
     """Mean completion cross-entropy of the global batch, contributed by this micro-batch."""
     del ref, dpo
     model = nnx.merge(graphdef, trainable, frozen)
-    logits = model(batch["input_ids"], batch["attention_mask"], dropout_rng=rng)
-    nll_sum, tokens = losses.sft_loss(logits, batch["input_ids"], batch["loss_mask"])
+    logps, valid = completion_logps(model, batch["input_ids"], batch["attention_mask"],
+                                    batch["loss_mask"], scored_tokens, rng)
+    nll_sum, tokens = losses.nll(logps, valid)
     return nll_sum / norm["tokens"], {"loss": nll_sum / norm["tokens"], "tokens": tokens}
 
 
-def dpo_loss(trainable, frozen, ref, batch, rng, norm, *, graphdef, dpo: DPOSettings):
+def dpo_loss(trainable, frozen, ref, batch, rng, norm, *, graphdef, dpo: DPOSettings,
+             scored_tokens=None):
     """DPO loss of the global batch contributed by this micro-batch; metrics as TRL names them."""
     del rng  # DPO runs without dropout, so policy and reference see the same network
-    ref_chosen, ref_rejected = reference_logps(graphdef, trainable, frozen, ref, batch, dpo)
+    ref_chosen, ref_rejected = reference_logps(graphdef, trainable, frozen, ref, batch, dpo,
+                                               scored_tokens)
     model = nnx.merge(graphdef, trainable, frozen)
-    logits, (chosen, rejected) = sequence_logps_of_pairs(model, batch)
+    logps, valid, (chosen, rejected) = pair_completion_logps(model, batch, scored_tokens)
     loss_sum, _, metric_sums = losses.dpo_loss(
         chosen, rejected, ref_chosen, ref_rejected, beta=dpo.beta, loss_type=dpo.loss_type,
         label_smoothing=dpo.label_smoothing)
@@ -106,8 +128,7 @@ def dpo_loss(trainable, frozen, ref, batch, rng, norm, *, graphdef, dpo: DPOSett
     metrics = {name: value / norm["pairs"] for name, value in metric_sums.items()}
     metrics["dpo_loss"] = loss
     if dpo.sft_weight:
-        ids, _, loss_mask = _concat_pairs(batch)
-        nll_sum, _ = losses.dpo_sft_term(logits, ids, loss_mask)
+        nll_sum, _ = losses.dpo_sft_term(logps, valid)
         metrics["sft_loss"] = nll_sum / norm["chosen_tokens"]
         loss = loss + dpo.sft_weight * metrics["sft_loss"]
     metrics["loss"] = loss
@@ -195,12 +216,21 @@ def train_step(state: TrainState, frozen, ref, batch, rng, *, loss_fn, kind, tx,
     return TrainState(state.step + 1, trainable, opt_state), metrics
 
 
-def make_train_step(kind: str, graphdef, tx, dpo: DPOSettings | None, state_shardings=None):
+def loss_function(kind: str, graphdef, dpo: DPOSettings | None, scored_tokens: int | None):
+    """`loss_fn(trainable, frozen, ref, batch, rng, norm) -> (loss, metrics)` of a stage kind."""
+    return functools.partial(LOSSES[kind], graphdef=graphdef, dpo=dpo,
+                             scored_tokens=scored_tokens)
+
+
+def make_train_step(kind: str, graphdef, tx, dpo: DPOSettings | None, state_shardings=None,
+                    scored_tokens: int | None = None):
     """`step(state, frozen, ref, batch, rng) -> (state, metrics)`, jitted, state donated.
 
     Compiles once per batch shape (length bucket) for the stage it was made for.
+    `scored_tokens`, a bound on the completion tokens of any row of the stage's data, lets the
+    LM head run only where it is needed (`completion_logps`).
     """
-    loss_fn = functools.partial(LOSSES[kind], graphdef=graphdef, dpo=dpo)
+    loss_fn = loss_function(kind, graphdef, dpo, scored_tokens)
     step = functools.partial(train_step, loss_fn=loss_fn, kind=kind, tx=tx)
     out_shardings = None if state_shardings is None else (state_shardings, None)
     return jax.jit(step, donate_argnums=(0,), out_shardings=out_shardings)
@@ -209,7 +239,8 @@ def make_train_step(kind: str, graphdef, tx, dpo: DPOSettings | None, state_shar
 PMAP_AXIS = "devices"
 
 
-def make_pmap_train_step(kind: str, graphdef, tx, dpo: DPOSettings | None, devices=None):
+def make_pmap_train_step(kind: str, graphdef, tx, dpo: DPOSettings | None, devices=None,
+                         scored_tokens: int | None = None):
     """The pmap (data-parallel) counterpart of `make_train_step`, same call and same numbers.
 
     `step(state, frozen, ref, batch, rng) -> (state, metrics)` takes what the jit step takes:
@@ -222,7 +253,7 @@ def make_pmap_train_step(kind: str, graphdef, tx, dpo: DPOSettings | None, devic
     """
     devices = list(jax.local_devices() if devices is None else devices)
     n = len(devices)
-    loss_fn = functools.partial(LOSSES[kind], graphdef=graphdef, dpo=dpo)
+    loss_fn = loss_function(kind, graphdef, dpo, scored_tokens)
     body = functools.partial(train_step, loss_fn=loss_fn, kind=kind, tx=tx, axis_name=PMAP_AXIS)
     mapped = jax.pmap(body, axis_name=PMAP_AXIS, in_axes=(None, None, None, 1, None),
                       out_axes=None, donate_argnums=(0,), devices=devices)
@@ -253,24 +284,26 @@ def make_pmap_train_step(kind: str, graphdef, tx, dpo: DPOSettings | None, devic
     return step
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def pair_logps(graphdef, trainable, frozen, batch):
+@functools.partial(jax.jit, static_argnames=("graphdef", "scored_tokens"))
+def pair_logps(graphdef, trainable, frozen, batch, scored_tokens=None):
     """Summed completion log-probs `(chosen, rejected)` of a pair batch (no micro-batch axis)."""
     model = nnx.merge(graphdef, trainable, frozen)
-    return sequence_logps_of_pairs(model, batch)[1]
+    return pair_completion_logps(model, batch, scored_tokens)[2]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def sequence_logps(graphdef, trainable, frozen, batch):
+@functools.partial(jax.jit, static_argnames=("graphdef", "scored_tokens"))
+def sequence_logps(graphdef, trainable, frozen, batch, scored_tokens=None):
     """Summed completion log-probs `[B]` of a sequence batch (no micro-batch axis)."""
     model = nnx.merge(graphdef, trainable, frozen)
-    logits = model(batch["input_ids"], batch["attention_mask"])
-    return losses.sequence_logprobs(logits, batch["input_ids"], batch["loss_mask"])
+    logps, valid = completion_logps(model, batch["input_ids"], batch["attention_mask"],
+                                    batch["loss_mask"], scored_tokens)
+    return losses.sequence_sums(logps, valid)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def last_token_logits(graphdef, trainable, frozen, batch):
     """Logits `[B, V]` at each row's `last_index` (the position that predicts the answer)."""
     model = nnx.merge(graphdef, trainable, frozen)
-    logits = model(batch["input_ids"], batch["attention_mask"])
-    return jnp.take_along_axis(logits, batch["last_index"][:, None, None], axis=1)[:, 0]
+    logits = model(batch["input_ids"], batch["attention_mask"],
+                   logits_at=batch["last_index"][:, None])
+    return logits[:, 0]

@@ -327,18 +327,19 @@ def _stage_start(run: Run, stage_idx: int, resume, meta, workdir: Path) -> _Stag
                          else _precompute_reference(run, items, stage))
     if mid_stage:
         state, reference = resume.stage_state(state, reference)
-    step_fn = _make_step(run, stage.kind, tx, dpo, state)
+    step_fn = _make_step(run, stage.kind, tx, dpo, state, batching.scored_tokens_bound(items))
     return _Stage(state, reference, total, steps_per_epoch, schedule, step_fn, dpo)
 
 
-def _make_step(run: Run, kind: str, tx, dpo, state):
+def _make_step(run: Run, kind: str, tx, dpo, state, scored_tokens: int):
     """The train step of `config.parallel.mode`; both take and return the same arrays, the
     state in the shardings it came in with (so the step compiles once per length bucket)."""
     if run.config.parallel.mode == "jit":
         return steps.make_train_step(kind, run.graphdef, tx, dpo,
-                                     jax.tree.map(lambda x: x.sharding, state))
+                                     jax.tree.map(lambda x: x.sharding, state), scored_tokens)
     return steps.make_pmap_train_step(kind, run.graphdef, tx, dpo,
-                                      devices=list(run.mesh.devices.flat))
+                                      devices=list(run.mesh.devices.flat),
+                                      scored_tokens=scored_tokens)
 
 
 def _precompute_reference(run: Run, items, stage) -> dict:

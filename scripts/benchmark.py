@@ -175,6 +175,7 @@ def bench_train(args):
 
     from jaxsftdpo import lora, steps
     from jaxsftdpo.config import stage
+    from jaxsftdpo.data import batching
     from jaxsftdpo.models.gpt2 import GPT2, GPT2Config
 
     hf_config = HFConfig(n_layer=args.layers, n_embd=args.width, n_head=args.heads,
@@ -186,6 +187,9 @@ def bench_train(args):
     loss_mask = np.zeros((b, t), bool)
     loss_mask[:, t // 2:] = True           # the second half is the completion
     ones = np.ones((b, t), bool)
+    # The trainer bounds the scored tokens per row from the data and runs the LM head there only.
+    scored_tokens = batching.scored_tokens_bound([batching.Sequence(row, mask) for side in
+                                                  ids.values() for row, mask in zip(side, loss_mask)])
     optimizer_stage = stage("sft", steps=1000, learning_rate=1e-5)
     lr, beta = optimizer_stage.learning_rate, 0.1
 
@@ -211,7 +215,7 @@ def bench_train(args):
             else:
                 ref = jax.tree.map(jnp.copy, trainable)
         batch = jax.tree.map(lambda x: jnp.asarray(x)[None], batch)   # one micro-batch
-        step_fn = steps.make_train_step(kind, graphdef, tx, dpo)
+        step_fn = steps.make_train_step(kind, graphdef, tx, dpo, scored_tokens=scored_tokens)
         holder = {"state": state}
 
         def run():
@@ -265,8 +269,10 @@ def bench_train(args):
 
     print(f"GPT-2 {args.layers} layers, width {args.width}, {args.heads} heads, vocab "
           f"{hf_config.vocab_size}, fp32; batch {b} (DPO: {b} pairs) x {t} tokens, AdamW; "
-          f"LoRA r={args.lora_r} on every linear layer; best of {args.repeats} steps after a "
-          f"warm-up step; torch threads {torch.get_num_threads()}", flush=True)
+          f"LoRA r={args.lora_r} on every linear layer; the second half of each row is the "
+          f"completion (jaxsftdpo's LM head runs at its {scored_tokens} positions, as the "
+          f"trainer does); best of {args.repeats} steps after a warm-up step; torch threads "
+          f"{torch.get_num_threads()}", flush=True)
     print(f"{'case':28s} {'jaxsftdpo s':>12s} {'torch s':>9s} {'speed-up':>9s} "
           f"{'jax tokens/s':>13s}", flush=True)
     timed = {}

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from jaxsftdpo.errors import UserError
-from jaxsftdpo.losses import (dpo_loss, dpo_sft_term, sequence_logprobs, sft_loss,
-                              split_chosen_rejected, token_logprobs)
+from jaxsftdpo.losses import (dpo_loss, dpo_sft_term, scored_mask, scored_token_index,
+                              sequence_logprobs, sft_loss, split_chosen_rejected, token_logprobs)
 
 B, T, V = 4, 7, 11
 BETA = 0.3
@@ -202,10 +202,20 @@ def test_split_chosen_rejected_and_dpo_sft_term():
     with pytest.raises(ValueError):
         split_chosen_rejected(jnp.zeros((3, 2)))
 
-    got = dpo_sft_term(logits, ids, mask)
+    got = dpo_sft_term(token_logprobs(logits, ids), scored_mask(mask))
     want = sft_loss(*(split_chosen_rejected(jnp.asarray(x))[0] for x in (logits, ids, mask)))
     np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
     assert got[1] == want[1]
+
+
+def test_scored_token_index_lists_each_rows_scored_tokens_first():
+    mask = np.array([[1, 0, 1, 1, 0],     # position 0 has no logit before it: never scored
+                     [0, 0, 0, 0, 1],
+                     [0, 0, 0, 0, 0]], bool)
+    index, valid = scored_token_index(mask, 3)
+    np.testing.assert_array_equal(np.where(valid, index, -1), [[2, 3, -1], [4, -1, -1],
+                                                               [-1, -1, -1]])
+    assert (np.asarray(index) >= 1).all()  # padding entries still point at a real logit
 
 
 def test_dpo_loss_jit():

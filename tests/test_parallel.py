@@ -1,4 +1,5 @@
-"""Past one device: the pmap step equals the jit step, FSDP divides memory, remat changes nothing.
+"""Past one device: the pmap step equals the jit step, FSDP divides memory, remat and logits
+at scored positions only change nothing.
 
 Eight CPU devices (tests/conftest.py); tiny GPT-2s so every case compiles in seconds.
 """
@@ -111,6 +112,29 @@ def test_pmap_step_equals_jit_step(kind, param):
     # a step of +-lr whose sign is noise, so parameters agree to a small fraction of lr = 1e-2.
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5),
                  jit_params, pmap_params)
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+@pytest.mark.parametrize("param", ["fft", "lora"])
+def test_logits_at_scored_positions_only_change_nothing(kind, param):
+    """The LM head run only where completion tokens are scored (`scored_tokens`: the most
+    that a row of the batches scores, fewer than T - 1 = 15) gives the losses, metrics and
+    updates of the full head, on a mesh that shards rows and parameters."""
+    devices = jax.devices()[:4]
+    _, mesh, graphdef, trainable, frozen = build(param, dict(data=2, fsdp=2, tensor=1), devices)
+    batches = [random_batch(kind, seed=s) for s in range(2)]
+    most = max(int(v[..., 1:].sum(-1).max()) for batch in batches
+               for k, v in batch.items() if k.endswith("loss_mask"))
+    assert most < 15
+    full_hist, full_params = run_steps(steps.make_train_step, kind, graphdef, trainable, frozen,
+                                       mesh, batches)
+    scored = lambda *a: steps.make_train_step(*a, scored_tokens=most)
+    hist, params = run_steps(scored, kind, graphdef, trainable, frozen, mesh, batches)
+    for want, got in zip(full_hist, hist):
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5),
+                 full_params, params)
 
 
 def _losses(workdir):

@@ -128,6 +128,17 @@ def _sequence(prefix: list[int], prompt: list[int], completion: list[int]) -> Se
     return Sequence(ids, loss_mask)
 
 
+def scored_tokens_bound(items: list) -> int:
+    """The most completion tokens any sequence of `items` (`Sequence`s or `PreferencePair`s)
+    scores, rounded up to a multiple of 8 for even matmul shapes: the train step computes
+    logits at that many positions per row instead of all of them."""
+    def scored(sequence: Sequence) -> int:
+        return int(sequence.loss_mask.sum())
+    most = max((max(scored(item.chosen), scored(item.rejected))
+                if isinstance(item, PreferencePair) else scored(item)) for item in items)
+    return -(-max(most, 1) // 8) * 8
+
+
 # ---- lengths and padding --------------------------------------------------------------------
 
 def default_buckets(max_length: int) -> tuple[int, ...]:

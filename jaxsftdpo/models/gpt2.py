@@ -192,11 +192,13 @@ class GPT2(nnx.Module):
         self.ln_f = LayerNorm(config.n_embd, epsilon=config.layer_norm_epsilon,
                               dtype=config.dtype, param_dtype=config.param_dtype)
 
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, *, dropout_rng=None):
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, *, dropout_rng=None,
+                 logits_at=None):
         """Logits `[B, T, vocab]` (float32). Padding may be on either side.
 
         Without `position_ids`, positions count only real tokens (0 at each sequence's first),
-        which is what left-padded batches need.
+        which is what left-padded batches need. With `logits_at` `[B, K]` (int positions) the
+        logits are `[B, K, vocab]`, those positions' only: the LM head runs on K, not T.
         """
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, bool)
@@ -204,7 +206,7 @@ class GPT2(nnx.Module):
         if position_ids is None:
             position_ids = default_position_ids(attention_mask)
         mask = attention_mask_for(attention_mask, input_ids.shape[1], 0)
-        logits, _ = self._forward(input_ids, position_ids, mask, None, dropout_rng)
+        logits, _ = self._forward(input_ids, position_ids, mask, None, dropout_rng, logits_at)
         return logits
 
     def init_cache(self, batch: int, length: int) -> KVCache:
@@ -212,19 +214,21 @@ class GPT2(nnx.Module):
         return KVCache.create(layers=c.n_layer, batch=batch, length=length, heads=c.n_head,
                               head_dim=c.head_dim, dtype=c.dtype)
 
-    def decode(self, input_ids, position_ids, valid, cache: KVCache):
+    def decode(self, input_ids, position_ids, valid, cache: KVCache, logits_at=None):
         """Run `input_ids` `[B,T]` at cache slots `cache.index ...`; `valid` marks real tokens.
 
-        Returns float32 logits `[B,T,vocab]` and the cache with these tokens appended.
+        Returns float32 logits `[B,T,vocab]` (`[B,K,vocab]` at `logits_at` `[B,K]`, as in
+        `__call__`) and the cache with these tokens appended.
         """
         t = input_ids.shape[1]
         slots_valid = jax.lax.dynamic_update_slice(cache.valid, valid.astype(bool),
                                                    (0, cache.index))
         mask = attention_mask_for(slots_valid, t, cache.index)
-        logits, (keys, values) = self._forward(input_ids, position_ids, mask, cache, None)
+        logits, (keys, values) = self._forward(input_ids, position_ids, mask, cache, None,
+                                               logits_at)
         return logits, KVCache(keys, values, slots_valid, cache.index + t)
 
-    def _forward(self, input_ids, position_ids, mask, cache, rng):
+    def _forward(self, input_ids, position_ids, mask, cache, rng, logits_at=None):
         c = self.config
         rngs = split_rng(rng, c.n_layer + 1)
         x = self.wte(input_ids) + self.wpe(position_ids)
@@ -239,6 +243,8 @@ class GPT2(nnx.Module):
             if cache is not None:
                 keys.append(new_kv[0])
                 values.append(new_kv[1])
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
         x = self.ln_f(x)
         embedding = self.wte.embedding[...].astype(c.dtype)
         logits = project(x.astype(c.dtype), embedding, transposed=True).astype(jnp.float32)
