@@ -51,29 +51,17 @@ def scored_token_index(loss_mask: jax.Array, count: int) -> tuple[jax.Array, jax
 
 
 def nll(logps: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """`(nll_sum, token_count)`, float32 scalars, of the `valid` entries of token log-probs."""
+    """`(nll_sum, token_count)`, float32 scalars, of the `valid` entries of token log-probs:
+    the SFT loss is `nll(token_logprobs(logits, ids), scored_mask(loss_mask))`. The mean
+    cross-entropy is `nll_sum / token_count` once both are summed over all micro-batches and
+    devices."""
     return -jnp.where(valid, logps, 0.0).sum(), valid.sum().astype(jnp.float32)
 
 
 def sequence_sums(logps: jax.Array, valid: jax.Array) -> jax.Array:
-    """`[B]` float32: each row's sum (not mean, as DPO uses) of its `valid` token log-probs."""
+    """`[B]` float32: each row's sum (not mean, as DPO uses) of its `valid` token log-probs,
+    e.g. `sequence_sums(token_logprobs(logits, ids), scored_mask(loss_mask))`."""
     return jnp.where(valid, logps, 0.0).sum(-1)
-
-
-def sequence_logprobs(logits: jax.Array, input_ids: jax.Array,
-                      loss_mask: jax.Array) -> jax.Array:
-    """`[B]` float32: sum of completion-token log-probabilities."""
-    return sequence_sums(token_logprobs(logits, input_ids), scored_mask(loss_mask))
-
-
-def sft_loss(logits: jax.Array, input_ids: jax.Array,
-             loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """`(nll_sum, token_count)`, float32 scalars: cross-entropy summed over completion tokens.
-
-    The mean cross-entropy is `nll_sum / token_count` once both are summed over all
-    micro-batches and devices.
-    """
-    return nll(token_logprobs(logits, input_ids), scored_mask(loss_mask))
 
 
 def split_chosen_rejected(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -127,8 +115,8 @@ def dpo_loss(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array,
       hinge:   `relu(1 - beta*z)`
       ipo:     `(z - 1/(2*beta))**2`
     summed over pairs. All types use the log-probabilities as given; the caller passes summed
-    ones (`sequence_logprobs`). TRL's IPO instead averages per token, which corresponds to
-    passing `sequence_logprobs / completion_token_count` here.
+    ones (`sequence_sums`). TRL's IPO instead averages per token, which corresponds to
+    passing `sequence_sums / completion_token_count` here.
 
     `metrics_sums` holds sums over pairs, named as TRL names them (divide by the pair count):
     `rewards/chosen`, `rewards/rejected` (`beta * (policy - ref)`), `rewards/margins`,

@@ -9,11 +9,16 @@ import pytest
 import torch
 
 from jaxsftdpo.errors import UserError
-from jaxsftdpo.losses import (dpo_loss, dpo_sft_term, scored_mask, scored_token_index,
-                              sequence_logprobs, sft_loss, split_chosen_rejected, token_logprobs)
+from jaxsftdpo.losses import (dpo_loss, dpo_sft_term, nll, scored_mask, scored_token_index,
+                              sequence_sums, split_chosen_rejected, token_logprobs)
 
 B, T, V = 4, 7, 11
 BETA = 0.3
+
+
+def sft_loss(logits, ids, loss_mask):
+    """The SFT loss as the train step composes it (over every position)."""
+    return nll(token_logprobs(logits, ids), scored_mask(loss_mask))
 
 
 def _sigmoid(x):
@@ -134,7 +139,7 @@ def test_token_and_sequence_logprobs_match_numpy():
     assert not np.any(got[:, 0])
     scored = mask.copy()
     scored[:, 0] = False
-    np.testing.assert_allclose(sequence_logprobs(logits, ids, mask),
+    np.testing.assert_allclose(sequence_sums(got, scored_mask(mask)),
                                (want * scored).sum(-1), rtol=1e-5)
 
 
