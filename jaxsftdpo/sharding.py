@@ -84,6 +84,18 @@ def sharding_fn(mesh: Mesh, rules):
     return shard
 
 
+def check_heads(model_config, mesh: Mesh) -> None:
+    """The 'tensor' axis splits attention by heads: it must divide the query heads and the
+    key/value heads (with grouped queries there are fewer of those), or a head's rows would be
+    cut across devices."""
+    tensor = mesh.shape["tensor"]
+    for what, heads in (("attention", model_config.num_heads),
+                        ("key/value", model_config.num_kv_heads)):
+        if heads % tensor:
+            raise UserError(f"config.mesh.tensor={tensor} does not divide the model's {heads} "
+                            f"{what} heads; use a tensor size that divides {heads}")
+
+
 def place_state(state: nnx.State, mesh: Mesh, rules) -> nnx.State:
     return jax.device_put(state, state_shardings(state, mesh, rules))
 

@@ -103,18 +103,20 @@ def _load_model(config, mesh):
     if config.model.name_or_path:
         # Load straight into the shardings the partition rules give.
         from jaxsftdpo.models import load_config
-        family, _ = load_config(config.model.name_or_path)
+        family, model_config = load_config(config.model.name_or_path)
+        sharding.check_heads(model_config, mesh)
         model = from_pretrained(config.model.name_or_path, dtype=dtype,
                                 shardings=sharding.sharding_fn(mesh, family.PARTITION_RULES),
                                 allow_pickle=config.model.allow_pickle)
         return family, model
     init = dict(config.model.init)
-    model_type = init.pop("model_type")
+    model_type = init["model_type"]
     if model_type not in FAMILIES:
         raise UserError(f"config.model.init.model_type={model_type!r} is not supported; use one "
                         f"of {sorted(FAMILIES)}")
     family = FAMILIES[model_type]
     model_config = family.Config.from_hf(init, dtype=dtype)
+    sharding.check_heads(model_config, mesh)
     abstract = nnx.eval_shape(lambda: family.build(model_config, config.model.init_seed))
     graphdef, abstract_state = nnx.split(abstract)
     shardings = sharding.state_shardings(abstract_state, mesh, family.PARTITION_RULES)

@@ -68,10 +68,17 @@ class HFTokenizer:
 
 
 def load_tokenizer(name: str) -> ByteTokenizer | HFTokenizer:
-    """`"bytes"`, a directory written by `save`, a local HF tokenizer directory or a hub name."""
+    """`"bytes"`, a directory written by `save`, a local HF tokenizer directory, a hub name, or
+    a GGUF model file (or a directory holding one and no config.json), whose metadata holds its
+    tokenizer; `save` writes that as an ordinary HF tokenizer directory."""
     name = os.path.expanduser(name)
     if name == BYTES or os.path.isfile(os.path.join(name, BYTE_TOKENIZER_FILE)):
         return ByteTokenizer()
+    # Imported here: jaxsftdpo.models brings in JAX, which plain tokenizing does not need.
+    from jaxsftdpo.models.gguf import gguf_file, gguf_tokenizer
+    gguf = gguf_file(name)
+    if gguf is not None:
+        return HFTokenizer(gguf_tokenizer(gguf))
     if _looks_like_path(name) and not os.path.isdir(name):
         raise UserError(f"tokenizer directory {name!r} does not exist; give an existing "
                         f"directory, a Hugging Face hub name, or {BYTES!r}")

@@ -17,21 +17,11 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jaxsftdpo.errors import UserError
-from jaxsftdpo.models.layers import (KVCache, LayerNorm, Linear, attention, attention_mask_for,
-                                     default_position_ids, dropout, head_scale, project,
-                                     split_rng)
+from jaxsftdpo.models.decoder import DecoderLM
+from jaxsftdpo.models.layers import (ACTIVATIONS, LayerNorm, Linear, attention, dropout, head_scale,
+                                     split_rng, write_cache)
 
-MODEL_TYPE = "gpt2"
-
-_ACTIVATIONS = {
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-}
+MODEL_TYPES = ("gpt2",)
 
 # Hugging Face's published sizes; everything else comes from config.json.
 NAMED_SIZES = {
@@ -66,9 +56,9 @@ class GPT2Config:
     remat: bool = False   # recompute each block's activations in the backward pass (training)
 
     def __post_init__(self):
-        if self.activation_function not in _ACTIVATIONS:
+        if self.activation_function not in ACTIVATIONS:
             raise UserError(f"GPT-2 activation_function {self.activation_function!r} is not "
-                            f"supported; use one of {sorted(_ACTIVATIONS)}")
+                            f"supported; use one of {sorted(ACTIVATIONS)}")
         if self.n_embd % self.n_head:
             raise UserError(f"GPT-2 n_embd={self.n_embd} is not divisible by "
                             f"n_head={self.n_head}; fix the model config")
@@ -84,6 +74,10 @@ class GPT2Config:
     @property
     def num_layers(self) -> int:
         return self.n_layer
+
+    @property
+    def num_heads(self) -> int:
+        return self.n_head
 
     @property
     def num_kv_heads(self) -> int:
@@ -105,7 +99,7 @@ class GPT2Config:
     def to_hf(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                if f.name not in _RUNTIME_FIELDS}
-        out.update(model_type=MODEL_TYPE, architectures=["GPT2LMHeadModel"],
+        out.update(model_type="gpt2", architectures=["GPT2LMHeadModel"],
                    tie_word_embeddings=True, torch_dtype="float32")
         return out
 
@@ -136,10 +130,7 @@ class Attention(nnx.Module):
         q, k, v = (a.reshape(b, t, self.n_head, d // self.n_head).transpose(0, 2, 1, 3)
                    for a in (q, k, v))
         if cache_kv is not None:
-            keys, values, index = cache_kv
-            k = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), (0, 0, index, 0))
-            v = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), (0, 0, index, 0))
-            cache_kv = (k, v)
+            k, v = cache_kv = write_cache(cache_kv, k, v)
         y = attention(q, k, v, mask, scale=self.scale, dropout_rate=self.attn_pdrop,
                       dropout_rng=rngs[1])
         y = self.c_proj(y.transpose(0, 2, 1, 3).reshape(b, t, d), rngs[2])
@@ -153,7 +144,7 @@ class MLP(nnx.Module):
         self.c_fc = Linear(d, inner, stddev=cfg.initializer_range, **kw)
         self.c_proj = Linear(inner, d,
                              stddev=cfg.initializer_range / math.sqrt(2 * cfg.n_layer), **kw)
-        self.act = _ACTIVATIONS[cfg.activation_function]
+        self.act = ACTIVATIONS[cfg.activation_function]
         self.resid_pdrop = cfg.resid_pdrop
 
     def __call__(self, x, rng):
@@ -163,6 +154,8 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
+    window = None  # GPT-2 attends to every earlier position
+
     def __init__(self, cfg: GPT2Config, layer_idx: int, *, rngs: nnx.Rngs):
         ln = dict(epsilon=cfg.layer_norm_epsilon, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         self.ln_1 = LayerNorm(cfg.n_embd, **ln)
@@ -170,7 +163,7 @@ class Block(nnx.Module):
         self.ln_2 = LayerNorm(cfg.n_embd, **ln)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, mask, cache_kv, rng):
+    def __call__(self, x, mask, cache_kv, rng, rotary=None):
         r_attn, r_mlp = split_rng(rng, 2)
         a, cache_kv = self.attn(self.ln_1(x), mask, cache_kv, r_attn)
         x = x + a
@@ -178,7 +171,7 @@ class Block(nnx.Module):
         return x, cache_kv
 
 
-class GPT2(nnx.Module):
+class GPT2(DecoderLM):
     """GPT-2 language model; `model(input_ids, attention_mask)` gives float32 logits."""
 
     def __init__(self, config: GPT2Config, *, rngs: nnx.Rngs):
@@ -192,71 +185,19 @@ class GPT2(nnx.Module):
         self.ln_f = LayerNorm(config.n_embd, epsilon=config.layer_norm_epsilon,
                               dtype=config.dtype, param_dtype=config.param_dtype)
 
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, *, dropout_rng=None,
-                 logits_at=None):
-        """Logits `[B, T, vocab]` (float32). Padding may be on either side.
+    @property
+    def blocks(self):
+        return self.h
 
-        Without `position_ids`, positions count only real tokens (0 at each sequence's first),
-        which is what left-padded batches need. With `logits_at` `[B, K]` (int positions) the
-        logits are `[B, K, vocab]`, those positions' only: the LM head runs on K, not T.
-        """
-        if attention_mask is None:
-            attention_mask = jnp.ones(input_ids.shape, bool)
-        attention_mask = attention_mask.astype(bool)
-        if position_ids is None:
-            position_ids = default_position_ids(attention_mask)
-        mask = attention_mask_for(attention_mask, input_ids.shape[1], 0)
-        logits, _ = self._forward(input_ids, position_ids, mask, None, dropout_rng, logits_at)
-        return logits
+    def final_norm(self, x):
+        return self.ln_f(x)
 
-    def init_cache(self, batch: int, length: int) -> KVCache:
-        c = self.config
-        return KVCache.create(layers=c.n_layer, batch=batch, length=length, heads=c.n_head,
-                              head_dim=c.head_dim, dtype=c.dtype)
-
-    def decode(self, input_ids, position_ids, valid, cache: KVCache, logits_at=None):
-        """Run `input_ids` `[B,T]` at cache slots `cache.index ...`; `valid` marks real tokens.
-
-        Returns float32 logits `[B,T,vocab]` (`[B,K,vocab]` at `logits_at` `[B,K]`, as in
-        `__call__`) and the cache with these tokens appended.
-        """
-        t = input_ids.shape[1]
-        slots_valid = jax.lax.dynamic_update_slice(cache.valid, valid.astype(bool),
-                                                   (0, cache.index))
-        mask = attention_mask_for(slots_valid, t, cache.index)
-        logits, (keys, values) = self._forward(input_ids, position_ids, mask, cache, None,
-                                               logits_at)
-        return logits, KVCache(keys, values, slots_valid, cache.index + t)
-
-    def _forward(self, input_ids, position_ids, mask, cache, rng, logits_at=None):
-        c = self.config
-        rngs = split_rng(rng, c.n_layer + 1)
+    def embed(self, input_ids, position_ids, rng):
         x = self.wte(input_ids) + self.wpe(position_ids)
-        x = dropout(x, c.embd_pdrop, rngs[-1])
-        keys, values = [], []
-        for i, block in enumerate(self.h):
-            if c.remat and cache is None:
-                x = _remat_block(block, x, mask, rngs[i])
-                continue
-            cache_kv = None if cache is None else (cache.keys[i], cache.values[i], cache.index)
-            x, new_kv = block(x, mask, cache_kv, rngs[i])
-            if cache is not None:
-                keys.append(new_kv[0])
-                values.append(new_kv[1])
-        if logits_at is not None:
-            x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
-        x = self.ln_f(x)
-        embedding = self.wte.embedding[...].astype(c.dtype)
-        logits = project(x.astype(c.dtype), embedding, transposed=True).astype(jnp.float32)
-        return logits, (tuple(keys), tuple(values))
+        return dropout(x, self.config.embd_pdrop, rng)
 
-
-@nnx.remat
-def _remat_block(block: Block, x, mask, rng):
-    """A block whose inner activations are recomputed in the backward pass, not stored: only
-    its input stays in memory. Dropout keys are explicit, so the recomputation draws the same
-    masks."""
-    return block(x, mask, None, rng)[0]
+    def head_weight(self):
+        return self.wte.embedding[...]
 
 
 # ---- Hugging Face key map -------------------------------------------------------------------

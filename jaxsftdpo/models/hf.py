@@ -2,11 +2,11 @@
 
 Loading never materialises a randomly initialised model: it takes the model's abstract
 structure (`nnx.eval_shape`), memory-maps the checkpoint and creates each parameter directly
-with its final sharding, so each device reads only its own slice from disk.
+with its final sharding, so each device reads only its own slice from disk. A GGUF file
+(`jaxsftdpo.models.gguf`) is one more source of a config.json dict and tensors by Hugging Face
+key; everything after reading them is shared.
 
-A family module provides `MODEL_TYPE`, `Config` (`from_hf(dict, **overrides)` / `to_hf()`),
-`build(config, seed)`, `hf_name(path)`, `to_hf(path, array)` / `from_hf(path, array)` and
-`HF_IGNORED` (regexes of checkpoint keys that hold no parameter).
+A family module is what `jaxsftdpo.models.family.ModelFamily` describes.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from safetensors.numpy import save_file
 
 from jaxsftdpo.errors import UserError
 from jaxsftdpo.models import FAMILIES
+from jaxsftdpo.models.gguf import GGUFCheckpoint, gguf_file
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -52,19 +53,20 @@ _NAMES_SHOWN = 5
 def from_pretrained(name_or_path: str | os.PathLike, *, dtype=jnp.float32,
                     param_dtype=jnp.float32, shardings: ShardingFn | None = None,
                     allow_pickle: bool = False, revision: str | None = None) -> nnx.Module:
-    """Load a Hugging Face causal LM from a local directory or a hub id.
+    """Load a Hugging Face causal LM from a local directory, a hub id or a GGUF file (or a
+    directory holding one `.gguf` and no config.json), which is dequantised to float32 first.
 
     `shardings(path, shape)` gives the `jax.sharding.Sharding` of the parameter at nnx state
     path `path` (e.g. `('h', 0, 'attn', 'c_attn', 'kernel')`) of that shape; without it every parameter goes to
     the first device. Weights are cast to `param_dtype`; `dtype` is the compute dtype.
     `allow_pickle` permits `pytorch_model.bin`, which can run code when loaded (needs torch).
     """
-    directory = checkpoint_dir(name_or_path, revision=revision,
-                               patterns=_weight_patterns(allow_pickle))
-    family, config = _read_config(directory, dtype=dtype, param_dtype=param_dtype)
-    tensors = read_checkpoint(directory, allow_pickle=allow_pickle)
+    source, hf_config, read_tensors = _open_checkpoint(
+        name_or_path, revision=revision, patterns=_weight_patterns(allow_pickle),
+        allow_pickle=allow_pickle)
+    family, config = _family_config(hf_config, source, dtype=dtype, param_dtype=param_dtype)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: family.build(config)))
-    host_arrays = _match_checkpoint(family, nnx.to_flat_state(abstract), tensors, directory)
+    host_arrays = _match_checkpoint(family, nnx.to_flat_state(abstract), read_tensors(), source)
     sharding_of = shardings or _first_device
 
     def load(path, variable):
@@ -106,10 +108,12 @@ def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, *,
 
 def load_config(name_or_path: str | os.PathLike, *, revision: str | None = None,
                 **overrides) -> tuple[ModuleType, object]:
-    """`(family module, config)` from a checkpoint's config.json; `overrides` go to the config
-    (e.g. `dtype`, `param_dtype`). Fetches only config.json for a hub id."""
-    directory = checkpoint_dir(name_or_path, revision=revision, patterns=[CONFIG_FILE])
-    return _read_config(directory, **overrides)
+    """`(family module, config)` from a checkpoint's config.json, or a GGUF file's metadata;
+    `overrides` go to the config (e.g. `dtype`, `param_dtype`). Fetches only config.json for a
+    hub id, and dequantises no weight of a GGUF file."""
+    source, hf_config, _ = _open_checkpoint(name_or_path, revision=revision,
+                                            patterns=[CONFIG_FILE])
+    return _family_config(hf_config, source, **overrides)
 
 
 def family_for(model: nnx.Module) -> ModuleType:
@@ -129,7 +133,8 @@ def checkpoint_dir(name_or_path: str | os.PathLike, *, revision: str | None = No
     name = str(name_or_path)
     if path.exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1:
         raise UserError(f"{name} is not a directory; pass a Hugging Face model directory "
-                        f"(config.json + model.safetensors) or a hub id such as 'gpt2'")
+                        f"(config.json + model.safetensors), a .gguf file or a hub id such as "
+                        f"'gpt2'")
     return _download(name, revision, patterns)
 
 
@@ -178,15 +183,34 @@ def _read_json(path: Path) -> dict:
         raise UserError(f"{path} is not valid JSON ({e}); re-download or re-export it") from e
 
 
-def _read_config(directory: Path, **overrides) -> tuple[ModuleType, object]:
+def _open_checkpoint(name_or_path: str | os.PathLike, *, revision: str | None,
+                     patterns: list[str], allow_pickle: bool = False
+                     ) -> tuple[Path, dict, Callable[[], dict[str, np.ndarray]]]:
+    """`(source, config.json dict, read_tensors)` of a GGUF file or of a checkpoint directory
+    or hub id (downloading only files matching `patterns`): the one place where the two
+    formats differ. `read_tensors()` gives every tensor by Hugging Face key."""
+    gguf = gguf_file(name_or_path)
+    if gguf is not None:
+        checkpoint = GGUFCheckpoint(gguf)
+        return gguf, checkpoint.hf_config(), checkpoint.tensors
+    directory = checkpoint_dir(name_or_path, revision=revision, patterns=patterns)
+    return (directory, _read_hf_config(directory),
+            lambda: read_checkpoint(directory, allow_pickle=allow_pickle))
+
+
+def _read_hf_config(directory: Path) -> dict:
     path = directory / CONFIG_FILE
     if not path.is_file():
         raise UserError(f"no {CONFIG_FILE} in {directory}; pass a Hugging Face model directory "
                         f"(config.json + model.safetensors)")
-    hf = _read_json(path)
+    return _read_json(path)
+
+
+def _family_config(hf: dict, source: Path, **overrides) -> tuple[ModuleType, object]:
     model_type = hf.get("model_type")
     if model_type not in FAMILIES:
-        raise UserError(f"model_type {model_type!r} in {path} is not supported; supported: "
+        origin = source / CONFIG_FILE if source.is_dir() else source
+        raise UserError(f"model_type {model_type!r} in {origin} is not supported; supported: "
                         f"{', '.join(sorted(FAMILIES))}")
     family = FAMILIES[model_type]
     return family, family.Config.from_hf(hf, **overrides)
@@ -261,7 +285,7 @@ def _match_checkpoint(family: ModuleType, abstract: list, tensors: dict,
                   and not any(re.fullmatch(pattern, key) for pattern in family.HF_IGNORED)]
     if unexpected:
         raise UserError(f"checkpoint {directory} has {_listing(unexpected)} that a "
-                        f"{family.MODEL_TYPE} model does not have; check that config.json "
+                        f"{family.__name__.rsplit('.', 1)[-1]} model does not have; check that config.json "
                         f"matches the weights")
     arrays = {path: family.from_hf(path, tensors[key]) for path, key in sources.items()}
     needed = {path: tuple(variable.get_value().shape) for path, variable in abstract}

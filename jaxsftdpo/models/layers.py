@@ -1,4 +1,5 @@
-"""Building blocks shared by every model family: linear layer, attention, dropout, KV cache.
+"""Building blocks shared by every model family: linear layer, norms, rotary embeddings,
+attention, dropout, KV cache, and the decoder skeleton (`DecoderLM`) every family fills in.
 
 Models know nothing of devices or of training: they map arrays to arrays. Dropout takes an
 explicit key so a train step stays a pure function of (state, batch, key).
@@ -12,7 +13,19 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+
+
+ACTIVATIONS = {  # Hugging Face's `hidden_act` / `activation_function` names
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -109,19 +122,66 @@ def split_rng(rng: jax.Array | None, n: int) -> list:
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
               scale: float, dropout_rate: float = 0.0,
               dropout_rng: jax.Array | None = None) -> jax.Array:
-    """Softmax attention. q `[B,H,T,D]`, k/v `[B,H,S,D]`, mask `[B,T,S]` bool (True = attend).
+    """Softmax attention. q `[B,H,T,D]`, k/v `[B,K,S,D]`, mask `[B,T,S]` bool (True = attend).
 
-    Returns `[B,H,T,D]`. Heads lead so both products are plain batched matmuls (XLA on CPU is
-    several times slower on the `[B,S,H,D]` layout during decoding).
+    Returns `[B,H,T,D]`. With K < H key/value heads (grouped-query attention) each group of
+    H / K consecutive query heads shares one key/value head, as in Hugging Face's
+    `repeat_kv`; the groups are an axis of the products, so k and v are never repeated.
+    Heads lead so both products are plain batched matmuls (XLA on CPU is several times slower
+    on the `[B,S,H,D]` layout during decoding).
 
     Scores and softmax are in float32. A query row with nothing to attend (a left-padding
     position) gets uniform weights instead of NaN; its output is never used.
     """
-    scores = jnp.einsum("bhtd,bhsd->bhts", q, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
+    b, h, t, d = q.shape
+    kv_heads = k.shape[1]
+    q = q.reshape(b, kv_heads, h // kv_heads, t, d)
+    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     probs = dropout(probs, dropout_rate, dropout_rng).astype(v.dtype)
-    return jnp.einsum("bhts,bhsd->bhtd", probs, v)
+    return jnp.einsum("bkgts,bksd->bkgtd", probs, v).reshape(b, h, t, d)
+
+
+def write_cache(cache_kv, k: jax.Array, v: jax.Array):
+    """Write this step's k/v `[B,K,T,D]` into a layer's cache `(keys, values, index)` at
+    `index`; returns the whole cached `(keys, values)`, which the attention then reads."""
+    keys, values, index = cache_kv
+    keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), (0, 0, index, 0))
+    values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), (0, 0, index, 0))
+    return keys, values
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square norm as Llama's: statistics in float32, the weight applied after the
+    cast back to the compute dtype."""
+
+    def __init__(self, features: int, *, epsilon: float, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        self.scale = nnx.Param(jnp.ones((features,), param_dtype))
+        self.epsilon = epsilon
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.epsilon)
+        return self.scale[...].astype(self.dtype) * y.astype(self.dtype)
+
+
+def rotary_tables(position_ids: jax.Array, inverse_frequencies: np.ndarray):
+    """`(cos, sin)` `[B,T,D]` of rotary embeddings at `position_ids` `[B,T]` (float32)."""
+    angles = position_ids[..., None].astype(jnp.float32) * jnp.asarray(inverse_frequencies)
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate `x` `[B,H,T,D]` by the tables of `rotary_tables`, pairing dimension i with
+    i + D/2 (Hugging Face's `rotate_half` layout, not the interleaved one of the paper)."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    cos, sin = cos[:, None].astype(x.dtype), sin[:, None].astype(x.dtype)
+    return x * cos + rotated * sin
 
 
 class KVCache(NamedTuple):
@@ -147,11 +207,15 @@ class KVCache(NamedTuple):
                    jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
 
 
-def attention_mask_for(valid_keys: jax.Array, query_len: int, offset) -> jax.Array:
-    """Causal mask `[B,T,S]`: query t (at absolute slot offset+t) sees valid slots <= its own."""
+def attention_mask_for(valid_keys: jax.Array, query_len: int, offset,
+                       window: int | None = None) -> jax.Array:
+    """Causal mask `[B,T,S]`: query t (at absolute slot offset+t) sees valid slots <= its own,
+    and with a sliding `window` only the `window` newest of them (its own included)."""
     slots = jnp.arange(valid_keys.shape[1])
     queries = offset + jnp.arange(query_len)
     causal = slots[None, :] <= queries[:, None]
+    if window is not None:
+        causal &= slots[None, :] > queries[:, None] - window
     return valid_keys[:, None, :] & causal[None]
 
 
