@@ -3,6 +3,7 @@
     python scripts/benchmark.py generate     # new tokens/s: jaxsftdpo vs transformers greedy
     python scripts/benchmark.py memory       # per-device bytes under FSDP, 1/2/4/8 devices
     python scripts/benchmark.py train        # SFT/DPO x full/LoRA step time vs PyTorch
+    ... generate --shape smollm2 / train --shape smollm2: a SmolLM2-135M-shaped Llama instead
 
 Machines are shared and noisy, so each case is timed as the best of a few repeats and reported
 next to its reference measured in the same run.
@@ -25,26 +26,64 @@ def best_time(fn, repeats: int) -> float:
     return min(times)
 
 
-def bench_generate(args):
+# SmolLM2-135M's shapes (HuggingFaceTB/SmolLM2-135M-Instruct), with random weights.
+SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                     num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                     max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
+                     tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+
+
+def reference_config(args):
+    """The transformers config of the benchmark's model (`--shape`), and a line naming it."""
+    from transformers import GPT2Config, LlamaConfig
+
+    if args.shape == "smollm2":
+        config = LlamaConfig(**SMOLLM2_SHAPE)
+        return config, ("SmolLM2-135M shape (Llama, 30 layers, width 576, 9 query / 3 key-value "
+                        "heads, vocab 49152, tied)")
+    config = GPT2Config(n_layer=args.layers, n_embd=args.width, n_head=args.heads,
+                        n_positions=1024, attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0)
+    return config, (f"GPT-2 {args.layers} layers, width {args.width}, {args.heads} heads, "
+                    f"vocab {config.vocab_size}")
+
+
+def our_model(hf_config, weights: dict | None = None):
+    """Our model of `hf_config` (a transformers config), with `weights` (HF state dict as
+    numpy) when given, else its own random init."""
     import jax.numpy as jnp
-    import torch
     from flax import nnx
-    from transformers import GPT2Config as HFConfig, GPT2LMHeadModel
 
-    from jaxsftdpo.generate import generate
-    from jaxsftdpo.models.gpt2 import GPT2, GPT2Config, hf_name
+    from jaxsftdpo.models import FAMILIES
 
-    torch.manual_seed(0)
-    hf_config = HFConfig(n_layer=args.layers, n_embd=args.width, n_head=args.heads,
-                         n_positions=1024)
-    reference = GPT2LMHeadModel(hf_config).eval()
-    model = GPT2(GPT2Config.from_hf(hf_config.to_dict()), rngs=nnx.Rngs(0))
-    weights = {k: v.numpy() for k, v in reference.state_dict().items()}
+    family = FAMILIES[hf_config.model_type]
+    model = family.build(family.Config.from_hf(hf_config.to_dict()))
+    if weights is None:
+        return model
     graphdef, state = nnx.split(model)
     flat = nnx.to_flat_state(state)
     for path, var in flat:
-        var.value = jnp.asarray(weights[hf_name(path)])
-    model = nnx.merge(graphdef, nnx.from_flat_state(flat))
+        var.set_value(jnp.asarray(family.from_hf(path, weights[family.hf_name(path)])))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def peft_targets(hf_config) -> dict:
+    """PEFT's LoraConfig arguments adapting every linear layer but the output embedding."""
+    if hf_config.model_type == "gpt2":
+        return dict(target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
+    return dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                "down_proj"])
+
+
+def bench_generate(args):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from jaxsftdpo.generate import generate
+
+    torch.manual_seed(0)
+    hf_config, described = reference_config(args)
+    reference = AutoModelForCausalLM.from_config(hf_config).eval()
+    model = our_model(hf_config, {k: v.numpy() for k, v in reference.state_dict().items()})
 
     rng = np.random.default_rng(0)
     prompts = rng.integers(0, hf_config.vocab_size, (args.batch, args.prompt_len))
@@ -66,8 +105,8 @@ def bench_generate(args):
     jax_s = best_time(run_jax, args.repeats)
     torch_s = best_time(run_torch, args.repeats)
     tokens = args.batch * new
-    print(f"model: GPT-2 {args.layers} layers, width {args.width}, vocab {hf_config.vocab_size}; "
-          f"batch {args.batch}, prompt {args.prompt_len}, {new} new tokens (greedy)")
+    print(f"model: {described}; batch {args.batch}, prompt {args.prompt_len}, {new} new tokens "
+          f"(greedy, fp32)")
     print(f"jaxsftdpo     {tokens / jax_s:10.1f} new tokens/s  ({jax_s:.3f} s; first call with "
           f"compile {compile_s:.2f} s)")
     print(f"transformers  {tokens / torch_s:10.1f} new tokens/s  ({torch_s:.3f} s)")
@@ -171,15 +210,13 @@ def bench_train(args):
     import torch.nn.functional as F
     from flax import nnx
     from peft import LoraConfig, get_peft_model
-    from transformers import GPT2Config as HFConfig, GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM
 
     from jaxsftdpo import lora, steps
     from jaxsftdpo.config import stage
     from jaxsftdpo.data import batching
-    from jaxsftdpo.models.gpt2 import GPT2, GPT2Config
 
-    hf_config = HFConfig(n_layer=args.layers, n_embd=args.width, n_head=args.heads,
-                         n_positions=1024, attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0)
+    hf_config, described = reference_config(args)
     rng = np.random.default_rng(0)
     b, t = args.batch, args.seq
     ids = {side: rng.integers(0, hf_config.vocab_size, (b, t)).astype(np.int32)
@@ -194,7 +231,7 @@ def bench_train(args):
     lr, beta = optimizer_stage.learning_rate, 0.1
 
     def jax_step(kind, param, reference="frozen_copy"):
-        model = GPT2(GPT2Config.from_hf(hf_config.to_dict()), rngs=nnx.Rngs(0))
+        model = our_model(hf_config)
         if param == "lora":
             lora.apply_lora(model, r=args.lora_r, alpha=2.0 * args.lora_r)
         graphdef, trainable, frozen = lora.split_trainable(model, param)
@@ -225,12 +262,12 @@ def bench_train(args):
 
     def torch_step(kind, param):
         torch.manual_seed(0)
-        model = GPT2LMHeadModel(hf_config)
+        model = AutoModelForCausalLM.from_config(hf_config)
         reference = None
         if param == "lora":
             model = get_peft_model(model, LoraConfig(
-                r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, fan_in_fan_out=True,
-                target_modules=["c_attn", "c_proj", "c_fc"]))
+                r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
+                **peft_targets(hf_config)))
         elif kind == "dpo":
             reference = copy.deepcopy(model).eval().requires_grad_(False)
         model.train()
@@ -267,8 +304,7 @@ def bench_train(args):
             opt.zero_grad(set_to_none=True)
         return run
 
-    print(f"GPT-2 {args.layers} layers, width {args.width}, {args.heads} heads, vocab "
-          f"{hf_config.vocab_size}, fp32; batch {b} (DPO: {b} pairs) x {t} tokens, AdamW; "
+    print(f"{described}, fp32; batch {b} (DPO: {b} pairs) x {t} tokens, AdamW; "
           f"LoRA r={args.lora_r} on every linear layer; the second half of each row is the "
           f"completion (jaxsftdpo's LM head runs at its {scored_tokens} positions, as the "
           f"trainer does); best of {args.repeats} steps after a warm-up step; torch threads "
@@ -305,6 +341,8 @@ def main():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
     gen = sub.add_parser("generate", help="new tokens/s vs transformers greedy generation")
+    gen.add_argument("--shape", choices=["gpt2", "smollm2"], default="gpt2",
+                     help="gpt2: --layers/--width/--heads; smollm2: SmolLM2-135M's shapes")
     gen.add_argument("--layers", type=int, default=6)
     gen.add_argument("--width", type=int, default=256)
     gen.add_argument("--heads", type=int, default=8)
@@ -325,6 +363,8 @@ def main():
     mem.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8])
     mem.set_defaults(run=bench_memory)
     train = sub.add_parser("train", help="SFT/DPO x full/LoRA step time vs PyTorch + transformers")
+    train.add_argument("--shape", choices=["gpt2", "smollm2"], default="gpt2",
+                       help="gpt2: --layers/--width/--heads; smollm2: SmolLM2-135M's shapes")
     train.add_argument("--layers", type=int, default=12)
     train.add_argument("--width", type=int, default=768)
     train.add_argument("--heads", type=int, default=12)

