@@ -62,6 +62,7 @@ def base_config() -> mlc.ConfigDict:
     c.data.hub_train_split = "train"
     c.data.hub_dev_split = "validation"
     c.data.scale = 1.0                 # fraction of the training examples kept (seeded subset)
+    c.data.dev_limit = 0               # paraphrase: score only the first N dev pairs; 0 = all
     c.data.temperature = 1.2           # sonnets: sampling for evaluation and rejected answers
     c.data.top_p = 0.9
     c.data.max_new_tokens = 128

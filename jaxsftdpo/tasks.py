@@ -139,6 +139,8 @@ class ParaphraseTask(ClozeTask):
 
     def __init__(self, data_config, tokenizer, max_length: int, seed: int):
         train, dev = _paraphrase_splits(data_config)
+        if data_config.dev_limit > 0:
+            dev = dev[:data_config.dev_limit]
         super().__init__(subsample(train, data_config.scale, seed), dev, paraphrase.ANSWERS,
                          tokenizer, max_length)
         self.test = (paraphrase.read(data_config.test, labelled=False, what="config.data.test")

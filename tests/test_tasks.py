@@ -161,3 +161,17 @@ def test_jsonl_task_trains_sft_and_dpo_rows_and_scores_dev(tmp_path):
     assert 0 <= evaluation.scores["pair_accuracy"] <= 1
     assert [e["id"] for e in evaluation.examples] == [0, 1, 2]
     assert "correct" in evaluation.examples[2] and "correct" not in evaluation.examples[0]
+
+
+def test_paraphrase_dev_limit_scores_the_first_dev_pairs(quora):
+    from jaxsftdpo.data.tokenizer import ByteTokenizer
+    from jaxsftdpo.tasks import make_task
+
+    config = tiny_config("paraphrase", [stage("sft", steps=1)], train=quora["train"],
+                         dev=quora["dev"], dev_limit=10)
+    task = make_task(config.data, ByteTokenizer(), 128, 0)
+    everything = make_task(tiny_config("paraphrase", [stage("sft", steps=1)],
+                                       train=quora["train"], dev=quora["dev"]).data,
+                           ByteTokenizer(), 128, 0)
+    assert [e["id"] for e in task.dev] == [e["id"] for e in everything.dev[:10]]
+    assert len(everything.dev) == 64
