@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 from jaxsftdpo.errors import UserError
 from jaxsftdpo.models.decoder import DecoderLM
 from jaxsftdpo.models.layers import (ACTIVATIONS, LayerNorm, Linear, attention, dropout, head_scale,
-                                     split_rng, write_cache)
+                                     linear_partition_rules, split_rng, write_cache)
 
 MODEL_TYPES = ("gpt2",)
 
@@ -228,23 +228,13 @@ def build(config: GPT2Config, seed: int = 0) -> GPT2:
 
 
 # ---- Partition rules: (regex over the dotted parameter path, PartitionSpec) -----------------
-# Column-parallel into attention and the MLP, row-parallel out of them (Megatron style); every
-# weight's other dimension is split over 'fsdp'. A LoRA adapter shares its kernel's input split
-# (lora_a) or output split (lora_b), keeps the small rank dimension whole, and splits its other
-# dimension over 'fsdp' too (within each tensor shard), so FSDP divides adapters and their
-# optimizer state as well.
+# The linear layers' as `layers.linear_partition_rules` gives them; embeddings split their
+# width, norms are replicated.
 _COLUMN = r"h\.\d+\.(attn\.c_attn|mlp\.c_fc)"
 _ROW = r"h\.\d+\.(attn\.c_proj|mlp\.c_proj)"
 PARTITION_RULES = (
     (r"wte\.embedding", P(None, ("fsdp", "tensor"))),
     (r"wpe\.embedding", P(None, ("fsdp", "tensor"))),
-    (_COLUMN + r"\.kernel", P("fsdp", "tensor")),
-    (_COLUMN + r"\.bias", P("tensor")),
-    (_COLUMN + r"\.lora\.lora_a", P("fsdp", None)),
-    (_COLUMN + r"\.lora\.lora_b", P(None, ("tensor", "fsdp"))),
-    (_ROW + r"\.kernel", P("tensor", "fsdp")),
-    (_ROW + r"\.bias", P(None)),
-    (_ROW + r"\.lora\.lora_a", P(("tensor", "fsdp"), None)),
-    (_ROW + r"\.lora\.lora_b", P(None, "fsdp")),
+    *linear_partition_rules(_COLUMN, _ROW),
     (r"(h\.\d+\.ln_[12]|ln_f)\.(scale|bias)", P(None)),
 )

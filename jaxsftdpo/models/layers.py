@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 
 ACTIVATIONS = {  # Hugging Face's `hidden_act` / `activation_function` names
@@ -226,3 +227,22 @@ def default_position_ids(attention_mask: jax.Array) -> jax.Array:
 
 def head_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
+
+
+def linear_partition_rules(column: str, row: str) -> tuple:
+    """Partition rules of the `Linear` layers whose paths match `column` (into attention and
+    the MLP: column-parallel) and `row` (out of them: row-parallel), Megatron style, each
+    weight's other dimension over 'fsdp'. A LoRA adapter shares its kernel's input split
+    (lora_a) or output split (lora_b), keeps the small rank dimension whole, and splits its
+    other dimension over 'fsdp' too (within each tensor shard), so FSDP divides adapters and
+    their optimizer state as well."""
+    return (
+        (column + r"\.kernel", P("fsdp", "tensor")),
+        (column + r"\.bias", P("tensor")),
+        (column + r"\.lora\.lora_a", P("fsdp", None)),
+        (column + r"\.lora\.lora_b", P(None, ("tensor", "fsdp"))),
+        (row + r"\.kernel", P("tensor", "fsdp")),
+        (row + r"\.bias", P(None)),
+        (row + r"\.lora\.lora_a", P(("tensor", "fsdp"), None)),
+        (row + r"\.lora\.lora_b", P(None, "fsdp")),
+    )

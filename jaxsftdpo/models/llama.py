@@ -24,7 +24,8 @@ from jax.sharding import PartitionSpec as P
 from jaxsftdpo.errors import UserError
 from jaxsftdpo.models.decoder import DecoderLM
 from jaxsftdpo.models.layers import (ACTIVATIONS, Linear, RMSNorm, apply_rotary, attention,
-                                     head_scale, rotary_tables, split_rng, write_cache)
+                                     head_scale, linear_partition_rules, rotary_tables,
+                                     split_rng, write_cache)
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
@@ -352,14 +353,7 @@ _ROW = r"layers\.\d+\.(self_attn\.o_proj|mlp\.down_proj)"
 PARTITION_RULES = (
     (r"embed_tokens\.embedding", P(None, ("fsdp", "tensor"))),
     (r"lm_head", P(None, ("fsdp", "tensor"))),
-    (_COLUMN + r"\.kernel", P("fsdp", "tensor")),
-    (_COLUMN + r"\.bias", P("tensor")),
-    (_COLUMN + r"\.lora\.lora_a", P("fsdp", None)),
-    (_COLUMN + r"\.lora\.lora_b", P(None, ("tensor", "fsdp"))),
-    (_ROW + r"\.kernel", P("tensor", "fsdp")),
-    (_ROW + r"\.bias", P(None)),
-    (_ROW + r"\.lora\.lora_a", P(("tensor", "fsdp"), None)),
-    (_ROW + r"\.lora\.lora_b", P(None, "fsdp")),
+    *linear_partition_rules(_COLUMN, _ROW),
     (r"(layers\.\d+\.(input_layernorm|post_attention_layernorm|self_attn\.[qk]_norm)|norm)"
      r"\.scale", P(None)),
 )
