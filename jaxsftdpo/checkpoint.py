@@ -7,6 +7,11 @@ log-probs) when the stage has one, and `meta` (JSON: stage, step within the stag
 the data position because the data order is a function of seed, stage and epoch, global step,
 evaluations so far). Restoring takes the shardings of the given targets, so a checkpoint
 restores onto a different mesh or number of devices.
+
+A checkpoint whose files cannot be read back (truncated, partly deleted) raises `Unreadable`;
+`newest_restorable` reports it in one line and goes on to the one before. A checkpoint that
+does not fit the model is a `UserError`: an older one would not fit either. A save that fails
+(a full disk) removes its temporary directory and raises a `StorageError`.
 """
 
 from __future__ import annotations
@@ -14,14 +19,26 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import re
+import shutil
+import sys
+import threading
+import time
 from pathlib import Path
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxsftdpo.errors import UserError
+from jaxsftdpo.errors import StorageError, UserError
 from jaxsftdpo.steps import TrainState
+
+UNREADABLE_DIR = "unreadable_checkpoints"  # beside checkpoints/: those a resumed run set aside
+
+
+class Unreadable(Exception):
+    """A checkpoint whose files cannot be read back; the message says what failed."""
 
 
 def _abstract(tree):
@@ -33,7 +50,7 @@ def _abstract(tree):
 
 
 class Resume:
-    """The newest checkpoint of a workdir, restored on demand into given targets."""
+    """One checkpoint of a workdir (its meta read), restored on demand into given targets."""
 
     FIX = "use a new --workdir, or the model this run was trained with"
 
@@ -44,14 +61,14 @@ class Resume:
         return UserError(f"checkpoint {self.step} in {self.manager.directory} does not fit the "
                          f"model of this config ({detail}); {fix}")
 
-    def _restore(self, fix: str = FIX, **targets):
+    def _restore(self, **targets):
+        """Restore items into targets whose shapes were checked, so any failure is the files'."""
         args = {name: ocp.args.StandardRestore(_abstract(t)) for name, t in targets.items()}
         try:
-            with _quiet_absl():  # orbax warns about every item a partial restore leaves out
+            with quiet_absl():  # orbax warns about every item a partial restore leaves out
                 return self.manager.restore(self.step, args=ocp.args.Composite(**args))
-        except (ValueError, KeyError, TypeError) as e:
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise self._misfit(first, fix) from e
+        except Exception as e:  # noqa: BLE001 - tensorstore raises bare Exceptions
+            raise Unreadable(first_line(e)) from e
 
     def params(self, trainable, fix: str = FIX):
         """The trainable state of the checkpoint, in the shardings of `trainable`.
@@ -71,7 +88,7 @@ class Resume:
                      for name in sorted(want) if stored[name] != want[name]]
             if wrong:
                 raise self._misfit(wrong[0], fix)
-        return self._restore(fix, params=trainable).params
+        return self._restore(params=trainable).params
 
     def stage_state(self, state: TrainState, reference):
         """The optimizer state, step and reference of a checkpoint taken mid-stage."""
@@ -86,9 +103,17 @@ class Resume:
 
 
 def _stored_shapes(item_dir: Path) -> dict | None:
-    """`{dotted path: shape}` of a saved item, or None when its metadata cannot be read."""
+    """`{dotted path: shape}` of a saved item, or None when its metadata cannot be read;
+    Unreadable when the item's metadata file is cut short (a partial tree would look like a
+    model mismatch)."""
     try:
-        with _quiet_absl(), ocp.StandardCheckpointer() as checkpointer:
+        json.loads((item_dir / "_METADATA").read_text())
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as e:
+        raise Unreadable(f"{item_dir.name}/_METADATA: {first_line(e)}") from e
+    try:
+        with quiet_absl(), ocp.StandardCheckpointer() as checkpointer:
             stored = checkpointer.metadata(item_dir)
         stored = getattr(stored, "item_metadata", stored)
         return _shapes(stored, is_leaf=lambda x: hasattr(x, "shape"))
@@ -105,11 +130,42 @@ def _shapes(tree, is_leaf=None) -> dict:
     return out
 
 
+def _drop_abandoned_io() -> None:
+    """A failed restore or save leaves orbax's other reads or writes in flight; as they end,
+    on the event loop orbax has closed, Python reports each as an unraisable exception
+    (hundreds of lines of tracebacks around the one line `Manager` gives). Those reports are
+    dropped; any other goes to the hook there was."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_abandoned_io", False):
+        return
+
+    def hook(unraisable):
+        code = getattr(unraisable.object, "cr_code", None)
+        if (str(unraisable.exc_value) == "Event loop is closed"
+                or (code is not None and "orbax" in code.co_filename)):
+            return
+        previous(unraisable)
+
+    hook.drops_abandoned_io = True
+    sys.unraisablehook = hook
+
+
+def first_line(error: BaseException) -> str:
+    """The error's first line, without tensorstore's dump of its spec."""
+    lines = str(error).split(". See full TensorStore details")[0].strip().splitlines()
+    if not lines:
+        return type(error).__name__
+    first = lines[0][:200]
+    return first if type(error) is Exception else f"{type(error).__name__}: {first}"
+
+
 @contextlib.contextmanager
-def _quiet_absl():
+def quiet_absl():
+    """Orbax logs through absl: warnings about partial restores, and tracebacks from its
+    background threads when a save fails, which `Manager` reports itself in one line."""
     logger = logging.getLogger("absl")
     level = logger.level
-    logger.setLevel(logging.ERROR)
+    logger.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
@@ -117,30 +173,62 @@ def _quiet_absl():
 
 
 class Manager:
-    """Async Orbax CheckpointManager keeping the newest `keep` checkpoints."""
+    """Async Orbax CheckpointManager keeping the newest `keep` checkpoints.
 
-    def __init__(self, directory: Path, keep: int):
+    The trainer's manager (`writer=True`, the workdir's lock holder) also removes temporary
+    directories a killed run left behind; evaluate's and export's only read.
+    """
+
+    def __init__(self, directory: Path, keep: int, *, writer: bool = False):
         self.directory = Path(directory).absolute()
         self._manager = None
         self._keep = keep
+        self._writer = writer
 
     @property
     def manager(self) -> ocp.CheckpointManager:
         if self._manager is None:  # created lazily: a run that fails validation writes nothing
+            _drop_abandoned_io()
             options = ocp.CheckpointManagerOptions(max_to_keep=self._keep,
-                                                   enable_async_checkpointing=True)
+                                                   enable_async_checkpointing=True,
+                                                   cleanup_tmp_directories=self._writer)
             self._manager = ocp.CheckpointManager(self.directory, options=options)
         return self._manager
 
-    def latest(self) -> Resume | None:
+    def steps(self) -> list[int]:
+        """The steps of the finished checkpoints, newest first."""
         if not self.directory.exists():
-            return None
-        step = self.manager.latest_step()
-        if step is None:
-            return None
-        meta = self.manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore())).meta
+            return []
+        with quiet_absl():
+            return sorted(self.manager.all_steps(), reverse=True)
+
+    def resume(self, step: int) -> Resume:
+        try:
+            with quiet_absl():
+                meta = self.manager.restore(step, args=ocp.args.Composite(
+                    meta=ocp.args.JsonRestore())).meta
+        except Exception as e:  # noqa: BLE001 - a missing or cut JSON file, ...
+            raise Unreadable(f"meta: {first_line(e)}") from e
+        if not isinstance(meta, dict) or "global_step" not in meta:
+            raise Unreadable("meta: not a run's position")
         return Resume(self.manager, step, meta)
+
+    def latest(self) -> Resume | None:
+        steps = self.steps()
+        return self.resume(steps[0]) if steps else None
+
+    def set_aside(self, steps: list[int]) -> None:
+        """Move checkpoints out of the way (to UNREADABLE_DIR beside the checkpoints), so the
+        steps can be saved again."""
+        aside = self.directory.parent / UNREADABLE_DIR
+        aside.mkdir(exist_ok=True)
+        for step in steps:
+            target, n = aside / str(step), 0
+            while target.exists():  # set aside before, at an earlier try
+                n += 1
+                target = aside / f"{step}.{n}"
+            os.replace(self.directory / str(step), target)
+        self.close()  # orbax caches the steps it has seen
 
     def save(self, step: int, state: TrainState, reference, meta: dict) -> None:
         items = {"params": ocp.args.StandardSave(state.trainable),
@@ -149,8 +237,91 @@ class Manager:
                  "meta": ocp.args.JsonSave(json.loads(json.dumps(meta)))}
         if reference is not None:
             items["reference"] = ocp.args.StandardSave(reference)
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        try:  # the save also waits for the previous one, whose error surfaces here
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as e:  # noqa: BLE001 - tensorstore raises bare Exceptions
+            self._failed(e)
 
     def wait(self) -> None:
         if self._manager is not None:
-            self._manager.wait_until_finished()
+            try:
+                self._manager.wait_until_finished()
+            except Exception as e:  # noqa: BLE001
+                self._failed(e)
+
+    def close(self) -> None:
+        """Stop orbax's background threads (a failed read leaves some that print tracebacks
+        when the process exits)."""
+        if self._manager is not None:
+            with quiet_absl(), contextlib.suppress(Exception):
+                self._manager.close()
+            self._manager = None
+
+    def _failed(self, error: Exception):
+        # The run ends here; orbax's threads still finishing the failed save would log the
+        # error reported below again, with tracebacks, until the process exits.
+        for name in ("absl", "asyncio"):
+            logging.getLogger(name).addFilter(lambda record: False)
+        self.close()
+        if jax.process_index() == 0:
+            self._remove_temporaries()
+        kept = sorted((int(p.name) for p in self.directory.iterdir() if p.name.isdigit()),
+                      reverse=True) if self.directory.is_dir() else []
+        then = f"it resumes from checkpoint {kept[0]}" if kept else "it starts over"
+        raise StorageError(f"cannot write a checkpoint in {self.directory} "
+                           f"({_os_reason(error)}); free space and rerun the same command: "
+                           f"{then}") from error
+
+
+    def _remove_temporaries(self) -> None:
+        """Remove a failed save's temporary directory. Writes it had in flight still land for
+        a moment after orbax gives up, recreating the directory, so first orbax's threads are
+        waited for, then the directory is swept until it has stayed away for half a second."""
+        for thread in threading.enumerate():
+            if type(thread).__module__.startswith("orbax"):
+                with contextlib.suppress(Exception):  # orbax's join re-raises the thread's error
+                    thread.join(timeout=30)
+        last_seen, deadline = time.monotonic(), time.monotonic() + 30
+        while time.monotonic() - last_seen < 0.5 and time.monotonic() < deadline:
+            for temporary in self.directory.glob("*.orbax-checkpoint-tmp*"):
+                shutil.rmtree(temporary, ignore_errors=True)
+                last_seen = time.monotonic()
+            time.sleep(0.05)
+
+
+def _os_reason(error: Exception) -> str:
+    """`No space left on device` for tensorstore's `...[os_error_code='28']`, an OSError's
+    strerror, else the error's first line."""
+    code = re.search(r"os_error_code='?(\d+)", str(error))
+    if code:
+        return os.strerror(int(code[1]))
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return first_line(error)
+
+
+def newest_restorable(manager: Manager, restore, fix: str):
+    """`(resume, restore(resume), skipped steps)` of the newest checkpoint that `restore` reads
+    without `Unreadable`, after one line naming those skipped and the one used. None when there
+    is no checkpoint; a UserError ending in `fix` when none restores."""
+    reasons = {}
+    for step in manager.steps():
+        try:
+            resume = manager.resume(step)
+            value = restore(resume)
+        except Unreadable as e:
+            manager.close()
+            reasons[step] = str(e)
+            continue
+        if reasons:
+            print(f"{_skipped(manager, reasons)}; using checkpoint {step}", file=sys.stderr)
+        return resume, value, list(reasons)
+    if reasons:
+        raise UserError(f"{_skipped(manager, reasons)}, and no other checkpoint does; {fix}")
+    return None
+
+
+def _skipped(manager: Manager, reasons: dict) -> str:
+    steps = list(reasons)
+    return (f"checkpoint{'s' * (len(steps) > 1)} {', '.join(map(str, steps))} in "
+            f"{manager.directory} cannot be restored ({steps[0]}: {reasons[steps[0]]})")

@@ -6,6 +6,7 @@ locked result, so `--config.some.key=value` overrides of a key that does not exi
 
 from __future__ import annotations
 
+import json
 import re
 
 import ml_collections as mlc
@@ -89,6 +90,9 @@ def base_config() -> mlc.ConfigDict:
     c.eval_every = 0                   # 0 = at the end of every epoch
     c.checkpoint_every = 100           # steps; a checkpoint is also written at each stage's end
     c.keep_checkpoints = 2
+    # A step whose loss or gradient norm is not finite stops the run (exit status 3); > 0: so
+    # does a loss above max_loss.
+    c.max_loss = 0.0
     c.progress = True
     return c
 
@@ -111,9 +115,20 @@ def validate(c: mlc.ConfigDict) -> None:
              f"{where}.batch_size and grad_accum must be positive")
         need(s.schedule in SCHEDULES, f"{where}.schedule={s.schedule!r}; use one of {SCHEDULES}")
         need(s.learning_rate > 0, f"{where}.learning_rate must be positive")
+        need(s.warmup_steps >= 0, f"{where}.warmup_steps={s.warmup_steps}; use 0 or more")
     need(c.param.kind in PARAMS, f"config.param.kind={c.param.kind!r}; use one of {PARAMS}")
     if c.param.kind == "lora":
         need(c.param.r > 0, f"config.param.r must be positive; got {c.param.r}")
+        need(0 <= c.param.dropout < 1,
+             f"config.param.dropout={c.param.dropout}; use a probability in [0, 1)")
+        _check_target_modules(c.param.target_modules)
+    for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
+        need(c[key] >= 1, f"config.{key}={c[key]}; use 1 or more")
+    need(c.eval_every >= 0, f"config.eval_every={c.eval_every}; use 0 (at the end of every "
+                            f"epoch) or a number of steps")
+    need(c.data.eval_batch_size >= 1,
+         f"config.data.eval_batch_size={c.data.eval_batch_size}; use 1 or more")
+    need(c.max_loss >= 0, f"config.max_loss={c.max_loss}; use 0 (off) or a positive bound")
     need(c.dpo.reference in REFERENCES,
          f"config.dpo.reference={c.dpo.reference!r}; use one of {REFERENCES}")
     need(c.model.dtype in DTYPES, f"config.model.dtype={c.model.dtype!r}; use one of {DTYPES}")
@@ -134,6 +149,40 @@ def validate(c: mlc.ConfigDict) -> None:
     from jaxsftdpo.losses import check_dpo_options
     if any(s.kind == "dpo" for s in c.stages):
         check_dpo_options(c.dpo.loss_type, beta=c.dpo.beta, label_smoothing=c.dpo.label_smoothing)
+
+
+def _check_target_modules(target_modules) -> None:
+    """`all-linear`, a regex over module paths, or a list of module names."""
+    where = f"config.param.target_modules={target_modules!r}"
+    if isinstance(target_modules, str):
+        try:
+            re.compile(target_modules)
+        except re.error as e:
+            raise UserError(f"{where} is not a valid regex ({e}); use all-linear, a regex "
+                            f"such as '.*attn.*', or a list of module names") from e
+    elif not (isinstance(target_modules, (list, tuple)) and target_modules
+              and all(isinstance(n, str) and n for n in target_modules)):
+        raise UserError(f"{where}; use all-linear, a regex, or a list of module names")
+
+
+def _differences(saved: dict, new: dict, prefix: str = "") -> list[str]:
+    """`key: A -> B` for every dotted key (list items as `stages[1]`) whose value differs
+    between two configs as JSON, `saved` first."""
+    if isinstance(saved, dict) and isinstance(new, dict):
+        keys = list(saved) + [k for k in new if k not in saved]
+        return [d for k in keys for d in _differences(saved.get(k), new.get(k),
+                                                       f"{prefix}.{k}" if prefix else k)]
+    if isinstance(saved, list) and isinstance(new, list) and len(saved) == len(new):
+        return [d for i, (a, b) in enumerate(zip(saved, new))
+                for d in _differences(a, b, f"{prefix}[{i}]")]
+    return [] if saved == new else [f"{prefix}: {json.dumps(saved)} -> {json.dumps(new)}"]
+
+
+def describe_differences(saved: dict, new: dict, most: int = 3) -> str:
+    """The first `most` differences of two configs, for a one-line message."""
+    found = _differences(saved, new)
+    more = f" and {len(found) - most} more" if len(found) > most else ""
+    return "; ".join(found[:most]) + more
 
 
 def finalize(c: mlc.ConfigDict) -> mlc.ConfigDict:
@@ -158,8 +207,19 @@ def parse_cell_arg(arg: str, defaults: dict) -> dict:
         if not sep or key not in defaults:
             raise UserError(f"config argument {item!r}: use key=value with keys "
                             f"{sorted(defaults)}")
+        if _is_number(defaults[key]) and not _is_number(value):
+            raise UserError(f"config argument {item!r}: {key} takes a number (default "
+                            f"{defaults[key]})")
         cell[key] = value
     return cell
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def parse_schedule(schedule: str) -> list[tuple[str, int]]:

@@ -2,10 +2,11 @@
 
 `load_run(workdir, step)` reads `workdir/config.json` (the resolved config the trainer wrote),
 builds that config's model on a mesh (`trainer.build_model`), and restores the trainable state of
-the newest (or the named) checkpoint into it: the whole model for full fine-tuning, the LoRA
-adapters for LoRA (the frozen base comes back from the model source, as in training). It also
-keeps the trainable state as it was before training (`initial`: the starting weights, or for
-LoRA adapters with B = 0, i.e. the base model), which evaluation uses as the DPO reference.
+the named checkpoint, or of the newest one that restores, into it: the whole model for full
+fine-tuning, the LoRA adapters for LoRA (the frozen base comes back from the model source, as in
+training). It also keeps the trainable state as it was before training (`initial`: the starting
+weights, or for LoRA adapters with B = 0, i.e. the base model), which evaluation uses as the DPO
+reference.
 
 Every problem a user can fix (no such workdir, no checkpoint, unknown step, a checkpoint that
 does not fit the config) is a `UserError` raised before anything is written.
@@ -28,6 +29,7 @@ from jaxsftdpo.errors import UserError
 CONFIG_FILE = "config.json"
 TOKENIZER_DIR = "tokenizer"
 CHECKPOINT_DIR = "checkpoints"
+DIVERGED_FILE = "diverged.json"  # written by a run that diverged: step, stage, why
 
 
 @dataclasses.dataclass
@@ -155,34 +157,29 @@ def _mesh(config, devices):
         return sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices)
 
 
-def _restore(workdir: Path, step: int, trainable):
-    """`(trainable restored from checkpoint `step`, its meta)`."""
-    import orbax.checkpoint as ocp
-
+def _restore(workdir: Path, step: int | None, trainable):
+    """`(step, trainable restored from checkpoint `step`, its meta)`; with `step` None, of the
+    newest checkpoint that restores (those that do not are named in one line)."""
     from jaxsftdpo import checkpoint as ckpt
 
     fix = (f"restore the run's original {CONFIG_FILE}, or pass the workdir this checkpoint "
            f"belongs to")
     manager = ckpt.Manager(workdir / CHECKPOINT_DIR, keep=max(len(checkpoint_steps(workdir)), 1))
     try:
-        meta = manager.manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore())).meta
-        restored = ckpt.Resume(manager.manager, step, meta).params(trainable, fix)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"checkpoint {step} in {workdir / CHECKPOINT_DIR} cannot be read "
-                        f"({_first_sentence(e)}); {fix}") from e
+        if step is None:
+            resume, restored, _ = ckpt.newest_restorable(
+                manager, lambda r: r.params(trainable, fix),
+                "retrain the run, or copy its checkpoints back from a backup")
+        else:
+            resume = manager.resume(step)
+            restored = resume.params(trainable, fix)
+    except ckpt.Unreadable as e:
+        raise UserError(f"checkpoint {step} in {workdir / CHECKPOINT_DIR} cannot be restored "
+                        f"({e}); pass another --step (available: "
+                        f"{', '.join(map(str, checkpoint_steps(workdir)))})") from e
     finally:
-        manager.manager.close()  # stops orbax's background threads before the process exits
-    return restored, meta
-
-
-def _first_sentence(error: BaseException) -> str:
-    return _first_line(error).split(". ")[0].rstrip(".:")
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0][:200] if lines else type(error).__name__
+        manager.close()  # stops orbax's background threads before the process exits
+    return resume.step, restored, resume.meta
 
 
 # ---- the run --------------------------------------------------------------------------------
@@ -197,10 +194,10 @@ def run_tokenizer(workdir: Path, config):
 
 
 def load_run(workdir, step: int | None = None, *, devices=None) -> LoadedRun:
-    """Rebuild the run in `workdir` at checkpoint `step` (default: the newest)."""
+    """Rebuild the run in `workdir` at checkpoint `step` (default: the newest that restores)."""
     workdir = check_workdir(workdir)
     config = read_config(workdir)
-    step = pick_step(workdir, step)
+    pick_step(workdir, step)  # no checkpoint, or no such step: before the model is built
     from jaxsftdpo.config import validate
     from jaxsftdpo.trainer import build_model
     try:
@@ -209,7 +206,7 @@ def load_run(workdir, step: int | None = None, *, devices=None) -> LoadedRun:
         raise UserError(f"{workdir / CONFIG_FILE}: {e}") from e
     mesh = _mesh(config, devices)
     family, model_config, graphdef, initial, frozen = build_model(config, mesh)
-    trainable, meta = _restore(workdir, step, initial)
+    step, trainable, meta = _restore(workdir, step, initial)
     tokenizer = run_tokenizer(workdir, config)
     return LoadedRun(workdir, config, step, meta, mesh, family, model_config, graphdef,
                      trainable, initial, frozen, tokenizer)

@@ -3,9 +3,12 @@
 
 Runs every cell of a grid, once per seed, one after another, each an ordinary training run
 (`trainer.train_and_evaluate`) in its own sub-workdir `DIR/runs/<cell>/seed<k>`. A run whose
-`results.json` exists is finished and skipped; any other is started or resumed (the trainer
+`results.json` exists is finished and skipped; so is one that diverged (its `diverged.json`:
+the table flags it and leaves it out of the means); any other is started or resumed (the trainer
 resumes from the sub-workdir's newest checkpoint). Then it writes `DIR/results.csv` (one row per
 run), `DIR/results.md` (one row per cell, paired differences) and PNGs (`jaxsftdpo.study_report`).
+SIGTERM/SIGINT stop the run in progress after its checkpoint, and the study after writing the
+report (exit status 143/130).
 Trailing `--config.KEY=VALUE` flags override every cell (after the grid's own overrides).
 
 A grid file is a Python file whose `get_grid()` returns a dict:
@@ -47,7 +50,9 @@ from pathlib import Path
 
 import ml_collections as mlc
 
-from jaxsftdpo.errors import UserError
+from jaxsftdpo.config import describe_differences
+from jaxsftdpo.errors import Diverged, ExitError, Stopped, UserError
+from jaxsftdpo.runs import DIVERGED_FILE
 
 GRID_KEYS = {"name", "cells", "seeds", "seed_keys", "overrides", "metric", "compare", "n_boot",
              "description"}
@@ -267,20 +272,27 @@ def run_grid(grid: Grid, workdir, *, seeds: int | None = None, train_fn=None, af
         raise UserError(f"--seeds must be at least 1, got {seeds}")
     jobs = [(cell, seed) for cell in grid.cells for seed in range(seeds)]
     bar = tqdm(jobs, desc=f"study {grid.name}", unit="run", disable=not progress)
+    signalled = None
     for cell, seed in bar:
         out = run_dir(workdir, cell, seed)
         bar.set_postfix_str(f"{cell.name} seed {seed}")
         config = cell_config(grid, cell, seed)
-        if (out / "results.json").exists():
-            _check_same_config(out, config, cell, seed)
+        if (out / "results.json").exists() or (out / DIVERGED_FILE).exists():
+            _check_same_config(out, config, cell, seed)  # a diverged run would diverge again
             continue
         out.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         try:
-            try:
-                result = train_fn(config, str(out))
-            except UserError as e:
-                raise UserError(f"cell {cell.name} seed {seed}: {e}") from e
+            result = train_fn(config, str(out))
+        except UserError as e:
+            raise UserError(f"cell {cell.name} seed {seed}: {e}") from e
+        except Diverged as e:
+            print(f"study: {cell.name} seed {seed}: {e}; flagged in results.md, left out of "
+                  f"its means", file=sys.stderr)
+            continue
+        except Stopped as e:  # SIGTERM/SIGINT: the report of what finished, then stop
+            signalled = e
+            break
         finally:
             _add_wall_clock(out, time.perf_counter() - start)
         if not (out / "results.json").exists():
@@ -294,16 +306,20 @@ def run_grid(grid: Grid, workdir, *, seeds: int | None = None, train_fn=None, af
     records = collect(grid, workdir, seeds)
     from jaxsftdpo import study_report
     study_report.write_report(grid, records, workdir)
+    if signalled is not None:
+        raise signalled
     return records
 
 
 def _check_same_config(out: Path, config, cell: Cell, seed: int):
     """A finished run is reused only if the grid still asks for the very same config."""
     saved = out / "config.json"
-    if saved.exists() and json.loads(saved.read_text()) != json.loads(
-            config.to_json_best_effort()):
-        raise UserError(f"cell {cell.name} seed {seed}: {out} finished with a different config "
-                        f"than the grid now gives; use a new --workdir or delete that run")
+    changed = saved.exists() and describe_differences(json.loads(saved.read_text()),
+                                                      json.loads(config.to_json_best_effort()))
+    if changed:
+        raise UserError(f"cell {cell.name} seed {seed}: {out} ended with a different config "
+                        f"than the grid now gives ({changed}); use a new --workdir or delete "
+                        f"that run")
 
 
 def _add_wall_clock(out: Path, seconds: float):
@@ -316,12 +332,17 @@ def _add_wall_clock(out: Path, seconds: float):
 
 
 def _record(cell: Cell, seed: int, out: Path) -> dict:
+    """A run's record; `diverged` holds the trainer's diverged.json of a run that diverged."""
     results_path = out / "results.json"
     timing = out / "study_run.json"
+    finished = results_path.exists()
+    diverged = out / DIVERGED_FILE
     return {"cell": cell.name, "seed": seed, "labels": cell.labels, "config": str(cell.config),
             "arg": cell.arg, "overrides": cell.overrides, "workdir": str(out),
-            "finished": results_path.exists(),
-            "results": json.loads(results_path.read_text()) if results_path.exists() else None,
+            "finished": finished,
+            "results": json.loads(results_path.read_text()) if finished else None,
+            "diverged": (json.loads(diverged.read_text())
+                         if not finished and diverged.exists() else None),
             "wall_s": json.loads(timing.read_text())["wall_s"] if timing.exists() else None}
 
 
@@ -386,9 +407,9 @@ def main(argv=None) -> int:
         else:
             run_grid(grid, args.workdir, seeds=args.seeds, progress=not args.no_progress)
         print(f"study: wrote {Path(args.workdir) / 'results.md'}")
-    except UserError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+    except ExitError as e:
+        print(f"{e.prefix}: {' '.join(str(e).split())}", file=sys.stderr)
+        return e.exit_status
     return 0
 
 

@@ -2,8 +2,9 @@
 
 - `results.csv`: one row per run (cell, seed, labels, config, final dev scores, steps, parameter
   counts, wall-clock seconds summed over resumes, workdir).
-- `results.md`: one row per cell with mean ± sample std (ddof = 1) over the finished seeds, n, the
-  trainable-parameter count and, where the grid gives them, the study's reported numbers; then
+- `results.md`: one row per cell with mean ± sample std (ddof = 1) over the finished seeds, n (and
+  how many seeds diverged: those are listed, never averaged in), the trainable-parameter count
+  and, where the grid gives them, the study's reported numbers; then
   the grid's chosen pairs of cells: the paired difference A − B of the grid's metric with a 95%
   bootstrap interval that resamples seeds and dev examples (`jaxsftdpo.stats.paired_bootstrap`,
   seeded, so the table is the same every time it is drawn from the same runs). accuracy and f1
@@ -79,7 +80,8 @@ def write_csv(records, metrics, path: Path) -> None:
     labels = []
     for r in records:
         labels += [k for k in r["labels"] if k not in labels]
-    columns = ["cell", "seed", *labels, "config", "arg", "overrides", "finished", *metrics,
+    columns = ["cell", "seed", *labels, "config", "arg", "overrides", "finished", "diverged",
+               *metrics,
                "global_step", "trainable_params", "total_params", "wall_s", "workdir"]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, columns)
@@ -89,6 +91,7 @@ def write_csv(records, metrics, path: Path) -> None:
             row = {"cell": r["cell"], "seed": r["seed"], **r["labels"], "config": r["config"],
                    "arg": r["arg"], "overrides": json.dumps(r["overrides"], default=str),
                    "finished": int(r["finished"]), "global_step": res.get("global_step", ""),
+                   "diverged": r["diverged"]["step"] if r["diverged"] else "",
                    "trainable_params": res.get("trainable_params", ""),
                    "total_params": res.get("total_params", ""),
                    "wall_s": "" if r["wall_s"] is None else f"{r['wall_s']:.1f}",
@@ -109,8 +112,9 @@ def cell_summary(grid, records, metrics) -> list[dict]:
         scores = {m: stats.mean_std([shown(m, r["results"]["final"][m]) for r in runs
                                      if m in r["results"]["final"]]) for m in metrics}
         params = sorted({r["results"]["trainable_params"] for r in runs})
+        diverged = [r for r in records if r["cell"] == cell.name and r["diverged"]]
         out.append({"cell": cell, "n": len(runs), "scores": scores, "trainable_params": params,
-                    "runs": runs})
+                    "runs": runs, "diverged": len(diverged)})
     return out
 
 
@@ -135,8 +139,9 @@ def results_markdown(grid, records, metrics) -> str:
                   for mean, std in (s["scores"][m] for m in metrics)]
         params = ", ".join(f"{p:,}" for p in s["trainable_params"]) or "—"
         refs = [_fmt(cell.reference[m]) if m in cell.reference else "" for m in references]
+        n = f"{s['n']} ({s['diverged']} diverged)" if s["diverged"] else str(s["n"])
         lines.append("| " + " | ".join([cell.name, *[str(cell.labels.get(k, "")) for k in keys],
-                                        *values, str(s["n"]), params, *refs]) + " |")
+                                        *values, n, params, *refs]) + " |")
     if grid.compare:
         lines += ["", f"## Paired differences of {grid.metric}", "",
                   f"A − B on the same seeds and dev examples, in the table's units; 95% "
@@ -146,7 +151,14 @@ def results_markdown(grid, records, metrics) -> str:
                   "| --- | --- |"]
         for a, b in grid.compare:
             lines.append(_paired_row(grid, records, a, b))
-    missing = [f"{r['cell']}/seed{r['seed']}" for r in records if not r["finished"]]
+    diverged = [f"{r['cell']}/seed{r['seed']} at step {r['diverged']['step']} (stage "
+                f"{r['diverged']['stage']}, {r['diverged']['kind']}: {r['diverged']['why']})"
+                for r in records if r["diverged"]]
+    if diverged:
+        lines += ["", f"Diverged, left out of the means ({len(diverged)}): "
+                      f"{'; '.join(diverged)}."]
+    missing = [f"{r['cell']}/seed{r['seed']}" for r in records
+               if not r["finished"] and not r["diverged"]]
     if missing:
         lines += ["", f"Not finished yet ({len(missing)}): {', '.join(missing)}; rerun the "
                       f"study command to train them."]

@@ -65,8 +65,8 @@ class ClozeTask:
         self.labels = sorted(answers)
         self.answer_ids = batching.first_token_ids(tokenizer, [answers[k] for k in self.labels])
         self.answers = answers
-        prompts = batching.tokenize_prompts([e["prompt"] for e in dev], tokenizer, max_length)
-        self.dev_prompts = prompts.items
+        self.dev_prompts = _prompt_items([e["prompt"] for e in dev], tokenizer, max_length,
+                                         "dev")
         self.dev_labels = np.array([e["label"] for e in dev])
 
     def sft_examples(self) -> list[dict]:
@@ -98,6 +98,15 @@ class ClozeTask:
 
     def write_predictions(self, evaluation: Evaluation, workdir: Path) -> None:
         write_examples(evaluation, Path(workdir) / "dev_predictions.jsonl")
+
+
+def _prompt_items(prompts: list[str], tokenizer, max_length: int, what: str) -> list:
+    """Tokenized prompts, those cut from the left to fit `max_length` counted in one line."""
+    tokenized = batching.tokenize_prompts(prompts, tokenizer, max_length)
+    if tokenized.truncated:
+        print(f"{what} data: {tokenized.truncated} of {len(prompts)} prompts had their start cut "
+              f"to fit max_length={max_length}")
+    return tokenized.items
 
 
 class YesNoTask(ClozeTask):
@@ -155,7 +164,7 @@ class ParaphraseTask(ClozeTask):
 
     def predict(self, policy, prompts: list[str], batch_size: int) -> np.ndarray:
         """The predicted answer's token id after each prompt (GPT-2: 8505 yes, 3919 no)."""
-        tokenized = batching.tokenize_prompts(prompts, self.tokenizer, self.max_length).items
+        tokenized = _prompt_items(prompts, self.tokenizer, self.max_length, "test")
         logits = policy.prompt_logits(tokenized, batch_size)[:, self.answer_ids]
         return self.answer_ids[np.argmax(logits, axis=-1)]
 

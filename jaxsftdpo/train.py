@@ -1,7 +1,9 @@
 """`python -m jaxsftdpo.train --config configs/FILE.py[:ARG] --workdir DIR [--config.KEY=VALUE]`.
 
-Runs (or resumes) the stages of the config in DIR. Bad input ends with one line on stderr and
-exit status 2.
+Runs (or resumes) the stages of the config in DIR. Exit status: 0 finished; 2 bad input or a
+workdir another run holds (one line on stderr, nothing written); 3 training diverged; 1 the
+workdir's storage failed (e.g. a full disk); 143 / 130 stopped by SIGTERM / SIGINT after a
+checkpoint (rerun the command to resume).
 """
 
 from __future__ import annotations
@@ -14,10 +16,7 @@ _WORKDIR = workdir_flag()
 
 def main() -> None:
     from jaxsftdpo.trainer import train_and_evaluate
-    results = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    if "stopped_at_step" in results:
-        print(f"stopped at step {results['stopped_at_step']} with a checkpoint; rerun the same "
-              f"command to resume")
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

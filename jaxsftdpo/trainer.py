@@ -1,9 +1,11 @@
 """The training loop: stages, epochs, evaluation, checkpoints, logging.
 
 `train_and_evaluate(config, workdir)` validates everything it can (config, model, data, mesh,
-batch sizes) before it writes a file, then runs the stages in order. A workdir that already holds
-checkpoints of the same config is resumed from the newest one, mid-epoch if need be: the data
-order is a function of (seed, stage, epoch) and the checkpoint stores the position.
+batch sizes) before it writes a file, takes the workdir's lock (`jaxsftdpo.lock`), then runs the
+stages in order. A workdir that already holds checkpoints of the same config is resumed from the
+newest one that restores, mid-epoch if need be: the data order is a function of (seed, stage,
+epoch) and the checkpoint stores the position. A step whose loss or gradient norm is not finite
+(or whose loss passes `config.max_loss`) ends the run before anything of it is saved.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import signal
 import time
 from pathlib import Path
@@ -23,12 +26,13 @@ from flax import nnx
 from tqdm import tqdm
 
 from jaxsftdpo import checkpoint as ckpt
-from jaxsftdpo import lora, sharding, steps
-from jaxsftdpo.config import validate
+from jaxsftdpo import lock, lora, sharding, steps
+from jaxsftdpo.config import describe_differences, validate
 from jaxsftdpo.data import batching
 from jaxsftdpo.data.tokenizer import load_tokenizer
-from jaxsftdpo.errors import UserError
+from jaxsftdpo.errors import Diverged, Stopped, UserError
 from jaxsftdpo.reporting import MetricsWriter, plot_losses, results_table, write_atomically
+from jaxsftdpo.runs import DIVERGED_FILE
 from jaxsftdpo.models import FAMILIES, from_pretrained
 from jaxsftdpo.policy import Policy
 from jaxsftdpo.tasks import make_task
@@ -202,13 +206,21 @@ class _StopRequested(Exception):
     pass
 
 
+class _DivergedAt(Exception):
+    """Training diverged at `step` of stage `stage_idx`; `why` says how."""
+
+    def __init__(self, step: int, stage_idx: int, why: str):
+        super().__init__(why)
+        self.step, self.stage_idx, self.why = step, stage_idx, why
+
+
 @contextlib.contextmanager
 def _stop_on_signal():
     """SIGTERM/SIGINT finish the current step, checkpoint, and stop (preemption-safe)."""
-    requested = {"flag": False}
+    requested = {"signal": None}
 
     def handler(signum, frame):
-        requested["flag"] = True
+        requested["signal"] = signum
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -223,20 +235,31 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str, *, stop_after_steps
     """Run (or resume) every stage; returns the results dict also written to results.json.
 
     `stop_after_steps > 0` checkpoints and returns after that many optimizer steps in this call
-    (used to test that resuming reproduces an uninterrupted run).
+    (used to test that resuming reproduces an uninterrupted run). Raises `errors.Stopped` after
+    checkpointing when SIGTERM or SIGINT stops the run, `errors.Diverged` when training
+    diverges (the last checkpoint kept holds finite weights), `errors.StorageError` when a
+    checkpoint cannot be written.
     """
     sharding.maybe_initialize_distributed(config)  # multi-host: before JAX touches a device
-    run = prepare(config, devices)
+    validate(config)
     workdir = Path(workdir)
     _check_workdir(workdir, config)
-    manager = ckpt.Manager(workdir / "checkpoints", keep=config.keep_checkpoints)
-    resume = manager.latest()
-    if resume is not None:  # before anything is written: fails if it does not fit the model
-        run.trainable = resume.params(run.trainable)
-    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_count() == 1:  # multi-host: process 0 decides, in `_workdir_lock`
+        lock.check_free(workdir)
+    run = prepare(config, devices)
+    with _workdir_lock(workdir), ckpt.quiet_absl():
+        return _train(run, workdir, stop_after_steps)
+
+
+def _train(run: Run, workdir: Path, stop_after_steps: int) -> dict:
+    """`train_and_evaluate` in a workdir this process holds the lock of."""
+    config = run.config
+    manager = ckpt.Manager(workdir / "checkpoints", keep=config.keep_checkpoints, writer=True)
+    resume, first_stage = _resume(run, manager, workdir)
     if jax.process_index() == 0:  # files once; Orbax checkpoints are saved by every process
         write_atomically(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
         run.tokenizer.save(str(workdir / "tokenizer"))
+        _drop_replayed_rows(workdir / "metrics.jsonl", resume.step if resume else 0)
     writer = MetricsWriter(workdir, is_main=jax.process_index() == 0)
     for note in run.data_notes:
         print(note)
@@ -245,12 +268,13 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str, *, stop_after_steps
                                        "evals": []}
     if not resume:
         meta["evals"].append({"after": "start", **_evaluate(run, run.trainable).scores})
-    steps_this_call, final = 0, None
+    steps_this_call, final, stop = 0, None, {"signal": None}
     try:
         with _stop_on_signal() as stop:
             for stage_idx in range(meta["stage"], len(config.stages)):
-                stage_state = _stage_start(run, stage_idx, resume, meta, workdir)
-                resume = None
+                stage_state = (first_stage if first_stage is not None
+                               else _stage_start(run, stage_idx, workdir))
+                first_stage = None
                 done = _run_stage(run, stage_idx, stage_state, meta, manager, writer, stop,
                                   stop_after_steps - steps_this_call if stop_after_steps else 0)
                 steps_this_call += done
@@ -261,11 +285,18 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str, *, stop_after_steps
                 meta["evals"].append({"after": f"{stage_idx + 1}:{config.stages[stage_idx].kind}",
                                       **final.scores})
                 meta.update(stage=stage_idx + 1, stage_step=0)
-                manager.save(meta["global_step"], stage_state.state, stage_state.reference, meta)
+                _save(manager, stage_state, meta, stage_idx)
     except _StopRequested:
         manager.wait()
         writer.close()
+        if stop["signal"]:
+            raise Stopped(f"{signal.Signals(stop['signal']).name} at step {meta['global_step']}, "
+                          f"after saving a checkpoint; rerun the same command to resume",
+                          stop["signal"]) from None
         return {"stopped_at_step": meta["global_step"]}
+    except _DivergedAt as e:
+        writer.close()
+        raise _diverged(run, workdir, manager, e) from None
     manager.wait()
     results = {"evals": meta["evals"], "final": meta["evals"][-1],
                "global_step": meta["global_step"],
@@ -285,11 +316,122 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str, *, stop_after_steps
 
 
 def _check_workdir(workdir: Path, config):
+    if workdir.exists() and not workdir.is_dir():
+        raise UserError(f"--workdir {workdir} is a file; give a directory (new, or a run's)")
     saved = workdir / "config.json"
-    if saved.exists() and json.loads(saved.read_text()) != json.loads(
-            config.to_json_best_effort()):
-        raise UserError(f"{workdir} holds a run with a different config; use a new --workdir, "
-                        f"or the same config to resume that run")
+    if not saved.exists():
+        return
+    try:
+        before = json.loads(saved.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{saved} cannot be read ({e}); use a new --workdir") from e
+    changed = describe_differences(before, json.loads(config.to_json_best_effort()))
+    if changed:
+        raise UserError(f"{workdir} holds a run with a different config ({changed}); use a new "
+                        f"--workdir, or the same config to resume that run")
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: Path):
+    """The workdir's lock (`jaxsftdpo.lock`), taken by process 0 for every process."""
+    held, error = lock.WorkdirLock(workdir), None
+    if jax.process_index() == 0:
+        try:
+            held.acquire()
+        except UserError as e:
+            error = e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        if multihost_utils.broadcast_one_to_all(np.int32(error is not None)) and error is None:
+            error = UserError(f"process 0 could not lock {workdir}; see its output")
+    if error is not None:
+        raise error
+    try:
+        yield
+    finally:
+        held.release()
+
+
+def _resume(run: Run, manager, workdir: Path):
+    """`(resume, stage)`: the newest checkpoint that restores, and the stage it stopped in
+    restored (None at a stage boundary); `(None, None)` for a new run. Newer checkpoints that
+    do not restore are set aside, so their steps can be saved again."""
+    initial = run.trainable
+
+    def restore(resume):
+        run.trainable = resume.params(initial)  # before anything is written: fails if it does
+        if resume.meta["stage_step"] > 0:       # not fit the model
+            return _stage_start(run, resume.meta["stage"], workdir, resume)
+        return None
+
+    found = ckpt.newest_restorable(manager, restore, f"move {manager.directory} away to start "
+                                                    f"over, or use a new --workdir")
+    if found is None:
+        return None, None
+    resume, stage, skipped = found
+    if skipped:
+        if jax.process_index() == 0:
+            manager.set_aside(skipped)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("jaxsftdpo: unreadable checkpoints set aside")
+        manager.close()
+    return resume, stage
+
+
+def _drop_replayed_rows(path: Path, step: int) -> None:
+    """metrics.jsonl without its rows of steps after `step`: a resumed run logs them again."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if _row_step(line) <= step]
+    if len(kept) < len(lines):
+        write_atomically(path, "".join(line + "\n" for line in kept))
+
+
+def _row_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+        return math.inf
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _save(manager, st, meta: dict, stage_idx: int) -> None:
+    """Checkpoint the stage's state; weights that are not finite are never saved."""
+    if not bool(_all_finite(st.state.trainable)):
+        raise _DivergedAt(meta["global_step"], stage_idx, "the weights after it are not finite")
+    manager.save(meta["global_step"], st.state, st.reference, meta)
+
+
+def _divergence(loss: float, grad_norm: float, max_loss: float) -> str:
+    """Why a step's loss and gradient norm mean the run diverged, or ''."""
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        return f"loss {loss:.4g}, gradient norm {grad_norm:.4g}"
+    if max_loss and loss > max_loss:
+        return f"loss {loss:.4g} is above config.max_loss={max_loss:g}"
+    return ""
+
+
+def _diverged(run: Run, workdir: Path, manager, at: _DivergedAt) -> Diverged:
+    """The one-line report of a diverged run, also written to WORKDIR/diverged.json."""
+    manager.wait()  # the saves before the divergence, all of finite weights
+    kept = manager.steps()
+    stage = run.config.stages[at.stage_idx]
+    if jax.process_index() == 0:
+        write_atomically(workdir / DIVERGED_FILE, json.dumps(
+            {"step": at.step, "stage": at.stage_idx + 1, "kind": stage.kind, "why": at.why,
+             "last_checkpoint": kept[0] if kept else None}) + "\n")
+    where = (f"its last checkpoint, step {kept[0]}, holds the finite weights before it" if kept
+             else "no checkpoint was saved before it")
+    return Diverged(f"training diverged at step {at.step} (stage {at.stage_idx + 1}, "
+                    f"{stage.kind}): {at.why}; {where}; lower "
+                    f"config.stages[{at.stage_idx}].learning_rate (now {stage.learning_rate:g}) "
+                    f"and train in a new --workdir")
 
 
 @dataclasses.dataclass
@@ -303,7 +445,9 @@ class _Stage:
     dpo: object
 
 
-def _stage_start(run: Run, stage_idx: int, resume, meta, workdir: Path) -> _Stage:
+def _stage_start(run: Run, stage_idx: int, workdir: Path, resume=None) -> _Stage:
+    """The stage's optimizer, reference and step function; mid-stage, with the optimizer state
+    and reference of checkpoint `resume`."""
     config, stage = run.config, run.config.stages[stage_idx]
     if run.stage_data[stage_idx] is None:
         run.stage_data[stage_idx] = _policy_pairs(run, stage_idx, workdir)
@@ -311,7 +455,7 @@ def _stage_start(run: Run, stage_idx: int, resume, meta, workdir: Path) -> _Stag
     steps_per_epoch = batching.num_batches(len(items), stage.batch_size)
     total = stage.steps or stage.epochs * steps_per_epoch
     tx, schedule = steps.make_optimizer(stage, total)
-    mid_stage = resume is not None and meta["stage_step"] > 0
+    mid_stage = resume is not None
     state = steps.init_train_state(tx, run.trainable)  # optimizer state sharded like params
     dpo, reference = None, None
     if stage.kind == "dpo":
@@ -382,7 +526,13 @@ def _run_stage(run: Run, stage_idx: int, st: _Stage, meta, manager, writer, stop
             meta["global_step"] += 1
             done += 1
             bar.update(1)
-            tokens_since += float(metrics["tokens"])
+            loss, grad_norm, tokens = (float(x) for x in jax.device_get(
+                (metrics["loss"], metrics["grad_norm"], metrics["tokens"])))
+            why = _divergence(loss, grad_norm, config.max_loss)
+            if why:
+                bar.close()
+                raise _DivergedAt(meta["global_step"], stage_idx, why)
+            tokens_since += tokens
             finished_epoch = meta["stage_step"] % st.steps_per_epoch == 0
             if (meta["stage_step"] % config.log_every == 0 or meta["stage_step"] in (1, st.total)):
                 now = time.perf_counter()
@@ -404,10 +554,11 @@ def _run_stage(run: Run, stage_idx: int, st: _Stage, meta, manager, writer, stop
                               **{f"eval/{k}": v for k, v in scores.items()}})
             at_end = meta["stage_step"] == st.total
             out_of_budget = budget and done >= budget
-            if (meta["global_step"] % config.checkpoint_every == 0 or stop["flag"]
+            stopping = stop["signal"] is not None
+            if (meta["global_step"] % config.checkpoint_every == 0 or stopping
                     or out_of_budget) and not at_end:
-                manager.save(meta["global_step"], st.state, st.reference, meta)
-            if at_end or stop["flag"] or out_of_budget:
+                _save(manager, st, meta, stage_idx)
+            if at_end or stopping or out_of_budget:
                 bar.close()
                 return done
     bar.close()

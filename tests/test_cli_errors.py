@@ -15,10 +15,10 @@ FAST = ["--config.progress=False", "--config.data.n_train=64", "--config.data.n_
         "--config.stages[1].epochs=0", "--config.stages[1].steps=1"]
 
 
-def start(workdir, *overrides):
+def start(workdir, *overrides, config=QUICK):
     # The environment of the tests (conftest): 8 CPU devices, no hub access.
     return subprocess.Popen(
-        [sys.executable, "-m", "jaxsftdpo.train", "--config", QUICK, "--workdir", str(workdir),
+        [sys.executable, "-m", "jaxsftdpo.train", "--config", config, "--workdir", str(workdir),
          *FAST, *overrides], cwd=ROOT, env=dict(os.environ), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
 
@@ -46,8 +46,19 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path):
     sft_only = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "a", "completion": "b"}] * 64)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
+    unparsable = tmp_path / "unparsable.py"
+    unparsable.write_text("def get_config(:\n")
     cases = {
         "unknown key": (["--config.lerning_rate=1"], ["lerning_rate", "config.py"]),
+        "unknown stage key": (["--config.stages[0].lerning_rate=1"],
+                              ["--config.stages[0].lerning_rate: the config has no key "
+                               "lerning_rate (did you mean learning_rate?)"]),
+        "stage past the list": (["--config.stages[5].learning_rate=1"],
+                                ["--config.stages[5].learning_rate: stages has 2 items in the "
+                                 "config file, [0] to [1]"]),
+        "missing config file": ([], ["--config file /no/such.py does not exist"]),
+        "unparsable config file": ([], ["SyntaxError"]),
+        "cell argument type": ([], ["'scale=abc': scale takes a number"]),
         "mistyped value": (["--config.seed=abc"], ["seed", "abc"]),
         "missing model": (["--config.model.name_or_path=/no/such/model"], ["/no/such/model"]),
         "missing data file": (["--config.data.task=jsonl", "--config.data.train=/no/such.jsonl"],
@@ -65,7 +76,10 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path):
                               ["stages[1]", "preference"]),
         "unknown stage kind": (["--config.stages[0].kind=ppo"], ["ppo", "sft"]),
     }
-    running = {name: (start(tmp_path / name.replace(" ", "_"), *args), fragments)
+    configs = {"missing config file": "/no/such.py", "unparsable config file": str(unparsable),
+               "cell argument type": str(ROOT / "configs/paraphrase.py") + ":scale=abc"}
+    running = {name: (start(tmp_path / name.replace(" ", "_"), *args,
+                            config=configs.get(name, QUICK)), fragments)
                for name, (args, fragments) in cases.items()}
     for name, (process, fragments) in running.items():
         returncode, _, err = finish(process)
@@ -99,30 +113,55 @@ def test_checkpoint_that_does_not_fit_the_model(tmp_path):
     assert snapshot(workdir) == before
 
     returncode, _, err = finish(start(workdir, *first, "--config.seed=7"))
-    assert_one_line_error(returncode, err, "different config")
+    assert_one_line_error(returncode, err,
+                          "different config (seed: 0 -> 7; stages[1].steps: 3 -> 1)")
     assert snapshot(workdir) == before
 
 
-def test_sigterm_checkpoints_and_the_same_command_resumes(tmp_path):
+def test_busy_workdir_and_sigterm(tmp_path):
+    """A second `train` on a running run's workdir stops at once and leaves that run alone;
+    SIGTERM checkpoints and exits 143; the same command then resumes the run, which ends as the
+    uninterrupted one, every step logged once."""
     import signal
     import time
 
-    workdir = tmp_path / "run"
+    import jax
+    import numpy as np
+
+    from jaxsftdpo import runs
+
     longer = ["--config.data.n_train=256", "--config.stages[0].steps=300",
               "--config.checkpoint_every=100000"]
-    process = start(workdir, *longer)
-    metrics = workdir / "metrics.jsonl"
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    first, second = start(straight, *longer), start(stopped, *longer)
     deadline = time.time() + 240
+    while not (straight / "train.lock").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    returncode, _, err = finish(start(straight, *longer))
+    assert_one_line_error(returncode, err, f"{straight} is in use by another training run "
+                                           f"(pid {first.pid} on host")
+    assert first.poll() is None, "the busy run ended before the second one was refused"
+
+    metrics = stopped / "metrics.jsonl"
     while not (metrics.exists() and metrics.stat().st_size) and time.time() < deadline:
         time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
-    returncode, out, err = finish(process)
-    assert returncode == 0, err
-    assert "stopped at step" in out and "rerun the same command" in out
-    assert not (workdir / "results.json").exists()
-    assert any((workdir / "checkpoints").iterdir())
+    second.send_signal(signal.SIGTERM)
+    returncode, _, err = finish(second)
+    assert returncode == 128 + signal.SIGTERM, err
+    assert err.strip().startswith("stopped: SIGTERM at step ") and \
+        err.strip().endswith("rerun the same command to resume"), err
+    assert not (stopped / "results.json").exists() and not (stopped / "train.lock").exists()
+    assert runs.checkpoint_steps(stopped)
 
-    returncode, out, err = finish(start(workdir, *longer))
+    assert finish(first)[0] == 0
+    returncode, _, err = finish(start(stopped, *longer))
     assert returncode == 0, err
-    results = json.loads((workdir / "results.json").read_text())
-    assert results["global_step"] == 301
+
+    def logged(workdir):
+        rows = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
+        return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+
+    assert logged(stopped) == logged(straight)
+    assert json.loads((stopped / "results.json").read_text())["global_step"] == 301
+    jax.tree.map(np.testing.assert_array_equal, runs.load_run(stopped).trainable,
+                 runs.load_run(straight).trainable)

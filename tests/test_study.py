@@ -38,23 +38,7 @@ def get_grid():
 PNGS = ("grid.png", "curves.png", "dpo_rewards.png", "wall_clock.png")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """Runs of the same cell differ only in their seed, so they compile the same programs: a
-    persistent compilation cache makes every run after the first of a cell several times faster."""
-    import jax
-    from jax.experimental.compilation_cache import compilation_cache as cc
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_min_entry_size_bytes")
-    before = {k: getattr(jax.config, k) for k in keys}
-    cc.reset_cache()
-    jax.config.update(keys[0], str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update(keys[1], 0.0)
-    jax.config.update(keys[2], 0)
-    yield
-    for k, v in before.items():
-        jax.config.update(k, v)
-    cc.reset_cache()
+pytestmark = pytest.mark.usefixtures("compilation_cache")  # conftest.py
 
 
 @pytest.fixture(scope="module")

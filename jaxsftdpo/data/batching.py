@@ -107,8 +107,9 @@ def _tokenize(examples, tokenizer, max_length, strict, encode, build) -> Tokeniz
         if length > max_length:
             if strict:
                 raise UserError(f"example {index}: sequence of {length} tokens is longer than "
-                                f"the limit {max_length}; raise data.max_length (at most the "
-                                "model's context length) or shorten the examples")
+                                f"the limit {max_length}; set data.truncate=true to cut prompts "
+                                f"from the left to fit, raise data.max_length (at most the "
+                                f"model's context length) or shorten the examples")
             keep = max_length - len(prefix) - answer_length
             if keep < 1:
                 dropped += 1

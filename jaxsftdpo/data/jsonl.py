@@ -22,33 +22,37 @@ def load(path: str, tokenizer, *, hub_dataset: str = "", hub_split: str = "",
          what: str = "config.data.train") -> list[dict]:
     """Examples `{"id", "prompt", "completion"}` (+ `"chosen"`, `"rejected"` for pairs) from a
     JSONL file, or from split `hub_split` of `hub_dataset` when that is set."""
-    rows = load_hub_rows(hub_dataset, hub_split) if hub_dataset else read_jsonl(path, what)
-    source = f"{hub_dataset}[{hub_split}]" if hub_dataset else path
-    examples, malformed = [], 0
-    for index, row in enumerate(rows):
+    if hub_dataset:
+        numbered = list(enumerate(load_hub_rows(hub_dataset, hub_split)))
+        source, unit = f"{hub_dataset}[{hub_split}]", "row"
+    else:
+        numbered, source, unit = read_jsonl(path, what), path, "line"
+    examples, malformed = [], []
+    for index, (number, row) in enumerate(numbered):
         example = to_example(row, tokenizer)
         if example is None:
-            malformed += 1
+            malformed.append(number)
             continue
         examples.append({"id": _row_id(row, index), **example})
-    report_skipped(source, malformed, "not prompt/completion, messages or prompt/chosen/rejected")
+    report_skipped(source, malformed, "not prompt/completion, messages or prompt/chosen/rejected",
+                   unit)
     if not examples:
         raise UserError(f"{source} ({what}) has no usable row; give JSON lines with prompt/"
                         f"completion, messages, or prompt/chosen/rejected")
     return examples
 
 
-def read_jsonl(path: str, what: str) -> list:
-    """One parsed value per non-blank line; a line that is not JSON becomes None."""
+def read_jsonl(path: str, what: str) -> list[tuple[int, object]]:
+    """`(line number, parsed value)` per non-blank line; a line that is not JSON gives None."""
     text = read_text(path, what)
     rows = []
-    for line in text.splitlines():
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            rows.append((number, json.loads(line)))
         except json.JSONDecodeError:
-            rows.append(None)
+            rows.append((number, None))
     return rows
 
 
@@ -59,13 +63,32 @@ def read_text(path: str, what: str) -> str:
     if not Path(path).is_file():
         raise UserError(f"{what}: file {path!r} does not exist; pass --{what}=PATH to an "
                         f"existing file")
-    with open(path, encoding="utf-8") as f:
-        return f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(_not_utf8(path, what)) from e
 
 
-def report_skipped(source: str, count: int, why: str) -> None:
-    if count:
-        print(f"{source}: skipped {count} malformed row{'s' * (count != 1)} ({why})")
+def _not_utf8(path: str, what: str) -> str:
+    """Where a file stops being UTF-8 (the decoder's own offset is into a chunk of it)."""
+    data = Path(path).read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        where = f"byte 0x{data[e.start]:02x} at line {line}, column {column}"
+    return (f"{what}: {path} is not UTF-8 text ({where}); re-save it as UTF-8, e.g. iconv -f "
+            f"latin1 -t utf-8 {path} > fixed")
+
+
+def report_skipped(source: str, numbers: list[int], why: str, unit: str = "line") -> None:
+    """One line: how many rows were skipped, the first few by line (or row) number, and why."""
+    if numbers:
+        shown = ", ".join(map(str, numbers[:5])) + (", ..." if len(numbers) > 5 else "")
+        print(f"{source}: skipped {len(numbers)} malformed row{'s' * (len(numbers) != 1)} "
+              f"({unit}{'s' * (len(numbers) != 1)} {shown}: {why})")
 
 
 def to_example(row, tokenizer) -> dict | None:

@@ -50,25 +50,28 @@ def read(path: str, *, labelled: bool = True, what: str = "config.data.train") -
         raise UserError(f"{path} ({what}) has no column {', '.join(missing)} in its header "
                         f"{reader.fieldnames}; give a tab-separated file with the header "
                         f"{' <TAB> '.join(needed)}")
-    return _examples(reader, labelled, path, what)
+    # reader.line_num, read as each record comes, is the line the record ends on
+    return _examples(((reader.line_num, r) for r in reader), labelled, path, what, "line")
 
 
 def from_hub(rows: list[dict], *, source: str, what: str) -> list[dict]:
     """Labelled examples from hub rows named as the course (`sentence1`...) or as GLUE's QQP
     (`question1`, `question2`, `label`, `idx`)."""
     renamed = [{HUB_KEYS.get(k, k): v for k, v in row.items()} for row in rows]
-    return _examples(renamed, True, source, what)
+    return _examples(enumerate(renamed), True, source, what, "row")
 
 
-def _examples(records, labelled: bool, source: str, what: str) -> list[dict]:
-    examples, malformed = [], 0
-    for record in records:
+def _examples(numbered, labelled: bool, source: str, what: str, unit: str) -> list[dict]:
+    """Examples of `(line or row number, record)` pairs; malformed ones reported by number."""
+    examples, malformed = [], []
+    for number, record in numbered:
         example = _example(record, labelled)
         if example is None:
-            malformed += 1
+            malformed.append(number)
         else:
             examples.append(example)
-    jsonl.report_skipped(source, malformed, "a missing or extra field, or a label not 0/1")
+    jsonl.report_skipped(source, malformed, "a missing or extra field, or a label not 0/1",
+                         unit)
     if not examples:
         raise UserError(f"{source} ({what}) has no usable row; give the course's tab-separated "
                         f"file with rows id <TAB> sentence1 <TAB> sentence2"
