@@ -1,6 +1,7 @@
 """Export and evaluation of a training run: transformers loads the merged model and PEFT the
-adapters, both with jaxsftdpo's logits; evaluate reproduces the run's final scores; bad input is
-one line on stderr, exit status 2, and nothing written."""
+adapters, both with jaxsftdpo's logits; evaluate reproduces the run's final scores; a GGUF file
+exported with --model loads in transformers with its GGUF logits; bad input is one line on
+stderr, exit status 2, and nothing written."""
 
 import importlib.util
 import json
@@ -14,16 +15,20 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from gguf import GGMLQuantizationType as QType
 from safetensors.numpy import load_file
 
 from jaxsftdpo import runs
 from jaxsftdpo.config import stage
+from jaxsftdpo.data.tokenizer import load_tokenizer
 from jaxsftdpo.evaluate import evaluate_model, evaluate_workdir
-from jaxsftdpo.export import export_run
+from jaxsftdpo.export import export_model, export_run
 from jaxsftdpo.lora import (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, apply_lora, linear_modules,
                             save_peft_adapters)
 from jaxsftdpo.models import save_pretrained
 from jaxsftdpo.models.gpt2 import GPT2, GPT2Config
+from tiny_gguf import (END_OF_TEXT, EOS_ID, TOKENS, llama_config, random_model,
+                       transformers_gguf_model, write_gguf)
 
 REPO = Path(__file__).resolve().parents[1]
 peft = pytest.importorskip("peft")
@@ -71,6 +76,26 @@ def fft_run(tmp_path_factory):
 def lora_loaded(lora_run):
     """The LoRA run as evaluate and export rebuild it (newest checkpoint)."""
     return runs.load_run(lora_run)
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    """Quantisation type name -> a tiny random Llama (grouped-query attention, tied embeddings)
+    as a GGUF file alone in its directory, as llama.cpp writes it (tests/tiny_gguf.py)."""
+    model = random_model(transformers.LlamaForCausalLM, llama_config(tie_word_embeddings=True))
+    return {qtype.name: write_gguf(tmp_path_factory.mktemp(f"gguf_{qtype.name}") / "tiny.gguf",
+                                   model, "llama", qtype)
+            for qtype in (QType.F32, QType.Q8_0)}
+
+
+@pytest.fixture(scope="module")
+def gguf_lora_run(tiny_gguf, tmp_path_factory):
+    """A few LoRA SFT steps on the quantised GGUF model, with the tokenizer from the file."""
+    config = quickstart("lora", [stage("sft", steps=3, learning_rate=1e-2, batch_size=16)])
+    with config.unlocked():
+        config.model.name_or_path = str(tiny_gguf["Q8_0"])
+        config.model.tokenizer = ""
+    return train(config, tmp_path_factory.mktemp("gguf_lora_run"))
 
 
 def token_ids(vocab=257, shape=(3, 12)):
@@ -195,6 +220,66 @@ def test_evaluate_reproduces_the_runs_scores(lora_run, tmp_path):
     assert (tmp_path / "hf_eval" / "results.json").is_file()
 
 
+# ---- GGUF models: --model, and PEFT export of a run on one ------------------------------------
+
+GGUF_TEXT = " the cat sat on the mat" + END_OF_TEXT
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
+def test_gguf_model_export_loads_in_transformers_with_its_gguf_logits(tiny_gguf, tmp_path,
+                                                                      qtype):
+    path = tiny_gguf[qtype]
+    source = path if qtype == "F32" else path.parent  # the file, or the directory holding it
+    out = export_model(source, tmp_path / "hf")
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {
+        p.name for p in out.iterdir()}
+    assert not list(tmp_path.glob(".*")), "staging directory left behind"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    ids = token_ids(len(TOKENS))
+    np.testing.assert_allclose(torch_logits(hf, ids),
+                               torch_logits(transformers_gguf_model(path), ids), atol=1e-4)
+
+    # The tokenizer loads without gguf_file= and tokenizes as the file's own does.
+    theirs = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    ours = transformers.AutoTokenizer.from_pretrained(out)
+    assert ours(GGUF_TEXT)["input_ids"] == theirs(GGUF_TEXT)["input_ids"]
+    assert ours.eos_token_id == EOS_ID
+    assert load_tokenizer(str(out)).encode(GGUF_TEXT) == \
+        load_tokenizer(str(path)).encode(GGUF_TEXT)
+
+
+def test_peft_export_of_a_gguf_run_writes_the_dequantised_base_beside(gguf_lora_run, tiny_gguf,
+                                                                      tmp_path):
+    out = export_run(gguf_lora_run, tmp_path / "adapters", peft=True)
+    adapter_config = json.loads((out / PEFT_CONFIG_FILE).read_text())
+    # transformers cannot load a .gguf path without gguf_file=: the base is written to OUT/base.
+    assert adapter_config["base_model_name_or_path"] == str(out / "base")
+    assert sorted(adapter_config["target_modules"]) == [
+        "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert (out / "tokenizer.json").is_file() and (out / "base" / "tokenizer.json").is_file()
+
+    run = runs.load_run(gguf_lora_run)
+    ids = token_ids(len(TOKENS))
+    ours = jax_logits(run.model(), ids)
+    assert np.abs(ours - jax_logits(run.model(run.initial), ids)).max() > 1e-3, \
+        "training did not move the adapters; the comparison would prove nothing"
+    base = transformers.AutoModelForCausalLM.from_pretrained(out / "base").eval()
+    # The base is the GGUF model as transformers dequantises it.
+    np.testing.assert_allclose(torch_logits(base, ids),
+                               torch_logits(transformers_gguf_model(tiny_gguf["Q8_0"]), ids),
+                               atol=1e-4)
+    peft_model = peft.PeftModel.from_pretrained(base, out).eval()
+    np.testing.assert_allclose(torch_logits(peft_model, ids), ours, atol=1e-4)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out / "base")
+    assert tokenizer(GGUF_TEXT)["input_ids"] == run.tokenizer.encode(GGUF_TEXT)
+
+    # The merged export of the same run, for good measure.
+    merged = export_run(gguf_lora_run, tmp_path / "merged")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()
+    np.testing.assert_allclose(torch_logits(hf, ids), ours, atol=1e-4)
+
+
 # ---- bad input: one line on stderr, exit status 2, nothing written --------------------------
 
 def test_commands_and_bad_input_one_line_exit_2(lora_run, fft_run, tmp_path):
@@ -264,3 +349,45 @@ def test_commands_and_bad_input_one_line_exit_2(lora_run, fft_run, tmp_path):
         "cli_eval", "cli_peft", "edited", "no_checkpoint", "occupied"]
     assert [p.name for p in occupied.iterdir()] == ["keep.txt"]
     assert not (lora_run / "eval" / "step_3").exists()
+
+
+def test_model_export_cli_and_bad_input_one_line_exit_2(lora_run, tiny_gguf, tmp_path):
+    gguf_path = tiny_gguf["F32"]
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("mine")
+    out = tmp_path / "outputs"
+    cases = {
+        "both": (["--workdir", str(lora_run), "--model", str(gguf_path), "--out",
+                  str(out / "both")], "exclude each other"),
+        "neither": (["--out", str(out / "neither")], "--workdir or --model is required"),
+        "missing gguf": (["--model", str(tmp_path / "nowhere.gguf"), "--out",
+                          str(out / "missing_gguf")], "does not exist"),
+        "missing directory": (["--model", str(tmp_path / "nowhere"), "--out",
+                               str(out / "missing_dir")], "does not exist"),
+        "peft of a model": (["--model", str(gguf_path), "--peft", "--out", str(out / "peft")],
+                            "--peft and --step"),
+        "out not empty": (["--model", str(gguf_path), "--out", str(occupied)], "--overwrite"),
+    }
+
+    def start(args):
+        return subprocess.Popen([sys.executable, "-m", "jaxsftdpo.export", *args],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                cwd=REPO)
+
+    # All at once: most of the time is interpreter start-up.
+    procs = {name: start(args) for name, (args, _) in cases.items()}
+    good = start(["--model", str(gguf_path.parent), "--out", str(tmp_path / "cli_hf")])
+    _, stderr = good.communicate(timeout=120)
+    assert good.returncode == 0, stderr
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {
+        p.name for p in (tmp_path / "cli_hf").iterdir()}
+    for name, proc in procs.items():
+        _, stderr = proc.communicate(timeout=120)
+        lines = stderr.strip().splitlines()
+        assert proc.returncode == 2, (name, stderr)
+        assert len(lines) == 1 and lines[0].startswith("error: "), (name, stderr)
+        assert cases[name][1] in lines[0], (name, lines[0])
+    assert not out.exists(), list(out.rglob("*"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cli_hf", "occupied"]
+    assert [p.name for p in occupied.iterdir()] == ["keep.txt"]
