@@ -64,10 +64,17 @@ def base_config() -> mlc.ConfigDict:
     c.data.hub_dev_split = "validation"
     c.data.scale = 1.0                 # fraction of the training examples kept (seeded subset)
     c.data.dev_limit = 0               # paraphrase: score only the first N dev pairs; 0 = all
+    # paraphrase: N > 0 scores the last N rows of the training file instead of the dev file and
+    # trains on the rest (to tune hyper-parameters without looking at the dev numbers)
+    c.data.dev_from_train = 0
+    # paraphrase / yes_no: each prompt becomes a user turn of the tokenizer's chat template,
+    # followed by the generation prompt (as an Instruct model was trained); the answer follows
+    c.data.chat_template = False
     c.data.temperature = 1.2           # sonnets: sampling for evaluation and rejected answers
     c.data.top_p = 0.9
     c.data.max_new_tokens = 128
     c.data.eval_seeds = (0, 1, 2)      # sonnets: chrF is averaged over these sampling seeds
+    c.data.eval_temperatures = ()      # sonnets: also chrF at these temperatures, `chrf_T{t}`
     c.data.pairing = "one_sample"      # sonnets: "one_sample" or "worst_of_k" (lowest chrF of k)
     c.data.pairing_k = 4
 
@@ -87,6 +94,7 @@ def base_config() -> mlc.ConfigDict:
     c.parallel = mlc.ConfigDict(dict(mode="jit", distributed=False))
 
     c.log_every = 10
+    c.eval_at_start = True             # score the model before training (the `start` row)
     c.eval_every = 0                   # 0 = at the end of every epoch
     c.checkpoint_every = 100           # steps; a checkpoint is also written at each stage's end
     c.keep_checkpoints = 2
@@ -103,8 +111,9 @@ def validate(c: mlc.ConfigDict) -> None:
         if not ok:
             raise UserError(message)
 
-    need(len(c.stages) > 0, "config.stages is empty; give at least one stage, e.g. "
-                            "[stage('sft', epochs=1)]")
+    need(len(c.stages) > 0 or c.eval_at_start,
+         "config.stages is empty and config.eval_at_start is False: the run would do nothing; "
+         "give a stage, e.g. [stage('sft', epochs=1)], or eval_at_start=True to only evaluate")
     for i, s in enumerate(c.stages):
         where = f"config.stages[{i}]"
         need(s.kind in STAGE_KINDS, f"{where}.kind={s.kind!r}; use one of {STAGE_KINDS}")
@@ -128,6 +137,11 @@ def validate(c: mlc.ConfigDict) -> None:
                             f"epoch) or a number of steps")
     need(c.data.eval_batch_size >= 1,
          f"config.data.eval_batch_size={c.data.eval_batch_size}; use 1 or more")
+    for key in ("dev_limit", "dev_from_train"):
+        need(c.data[key] >= 0, f"config.data.{key}={c.data[key]}; use 0 (off) or a count")
+    need(all(t > 0 for t in c.data.eval_temperatures),
+         f"config.data.eval_temperatures={tuple(c.data.eval_temperatures)}; use positive "
+         f"temperatures")
     need(c.max_loss >= 0, f"config.max_loss={c.max_loss}; use 0 (off) or a positive bound")
     need(c.dpo.reference in REFERENCES,
          f"config.dpo.reference={c.dpo.reference!r}; use one of {REFERENCES}")

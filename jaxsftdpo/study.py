@@ -1,4 +1,4 @@
-"""`python -m jaxsftdpo.study --grid configs/study/NAME.py --workdir DIR [--seeds N]
+"""`python -m jaxsftdpo.study --grid configs/study/NAME.py[:ARG] --workdir DIR [--seeds N]
 [--report_only] [--config.KEY=VALUE ...]`.
 
 Runs every cell of a grid, once per seed, one after another, each an ordinary training run
@@ -11,7 +11,8 @@ SIGTERM/SIGINT stop the run in progress after its checkpoint, and the study afte
 report (exit status 143/130).
 Trailing `--config.KEY=VALUE` flags override every cell (after the grid's own overrides).
 
-A grid file is a Python file whose `get_grid()` returns a dict:
+A grid file is a Python file whose `get_grid()` returns a dict; `--grid FILE:ARG` calls
+`get_grid(ARG)` instead (e.g. `size=cpu`: the grid file says what it takes).
 
     name         str, the study's title (default: the file name)
     cells        list of cells (below); names unique, made of letters, digits and `_ . = + -`
@@ -42,6 +43,7 @@ import argparse
 import ast
 import dataclasses
 import importlib.util
+import inspect
 import json
 import re
 import sys
@@ -108,15 +110,17 @@ def _one_line(e) -> str:
 def load_grid(path, *, extra_overrides: dict | None = None) -> Grid:
     """Read and check a grid file; every cell's config is built once here, so a bad override
     or a missing config file fails before anything trains."""
-    path = Path(path)
+    path, arg = _split_grid_arg(str(path))
     if not path.is_file():
         raise UserError(f"grid file {path} does not exist; see configs/study/ for examples")
     module = _import_file(path, "grid")
     if not callable(getattr(module, "get_grid", None)):
         raise UserError(f"grid file {path} defines no get_grid(); it must return a dict with "
                         f"'cells' (see jaxsftdpo/study.py)")
+    if arg and not inspect.signature(module.get_grid).parameters:
+        raise UserError(f"grid file {path} takes no argument; drop :{arg}")
     try:
-        spec = module.get_grid()
+        spec = module.get_grid(arg) if arg else module.get_grid()
     except UserError:
         raise
     except Exception as e:
@@ -160,6 +164,12 @@ def load_grid(path, *, extra_overrides: dict | None = None) -> Grid:
     for cell in grid.cells:
         cell_config(grid, cell, 0)
     return grid
+
+
+def _split_grid_arg(text: str) -> tuple[Path, str]:
+    """`FILE.py:ARG` as `(FILE.py, ARG)`; a path without `:ARG` as `(path, "")`."""
+    head, sep, arg = text.partition(".py:")
+    return (Path(head + ".py"), arg) if sep else (Path(text), "")
 
 
 def _check_keys(d: dict, allowed: set, where: str):

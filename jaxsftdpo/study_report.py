@@ -13,8 +13,8 @@
 - `grid.png` (metric by schedule and parameterization, error bars = std over seeds, one panel
   per other label combination), `curves.png` (dev metric over cumulative epochs from the runs'
   `eval/*` rows, FFT vs LoRA), `dpo_rewards.png` (reward margins and accuracies over DPO steps),
-  `chrf_temperature.png` (chrF against sampling temperature, when cells carry a `temperature`
-  label), `wall_clock.png` (seconds per cell).
+  `chrf_temperature.png` (chrF against sampling temperature, from cells labelled with a
+  `temperature` or runs that scored `chrf_T{t}`), `wall_clock.png` (seconds per cell).
 """
 
 from __future__ import annotations
@@ -394,25 +394,37 @@ def plot_dpo_rewards(grid, records, path: Path) -> None:
     _save(fig, path)
 
 
+def chrf_by_temperature(grid, records) -> dict:
+    """`{group: {temperature: (mean, std)}}` of dev chrF over seeds: cells labelled with a
+    `temperature` give a point each (grouped by their other labels), and cells whose runs scored
+    `chrf_T{t}` (`data.eval_temperatures`) a curve each (grouped by all their labels)."""
+    metrics = metric_names(records)
+    at = {m: float(m[len("chrf_T"):]) for m in metrics if re.fullmatch(r"chrf_T[\d.]+", m)}
+    curves = {}
+    for s in cell_summary(grid, records, ["chrf", *at]):
+        if not s["n"]:
+            continue
+        labels = s["cell"].labels
+        group = ", ".join(f"{v}" for k, v in labels.items() if k != "temperature") or grid.name
+        points = {t: s["scores"][m] for m, t in at.items() if not np.isnan(s["scores"][m][0])}
+        if "temperature" in labels and not np.isnan(s["scores"]["chrf"][0]):
+            points[float(labels["temperature"])] = s["scores"]["chrf"]
+        if points:
+            curves.setdefault(group, {}).update(points)
+    return curves
+
+
 def plot_chrf_temperature(grid, records, path: Path) -> None:
-    metric = "chrf"
-    cells = [c for c in grid.cells if "temperature" in c.labels]
-    summary = {s["cell"].name: s for s in cell_summary(grid, records, [metric])
-               if s["n"] and not np.isnan(s["scores"][metric][0])}
-    cells = [c for c in cells if c.name in summary]
-    if not cells:
+    curves = chrf_by_temperature(grid, records)
+    if not curves:
         return
-    group = lambda c: ", ".join(f"{v}" for k, v in c.labels.items()  # noqa: E731
-                                if k != "temperature")
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for g in _ordered(group(c) for c in cells):
-        members = sorted((c for c in cells if group(c) == g),
-                         key=lambda c: float(c.labels["temperature"]))
-        xs = [float(c.labels["temperature"]) for c in members]
-        ms = [summary[c.name]["scores"][metric] for c in members]
+    for group in _ordered(curves):
+        xs = sorted(curves[group])
+        ms = [curves[group][x] for x in xs]
         ax.errorbar(xs, [m for m, _ in ms], yerr=[0.0 if np.isnan(s) else s for _, s in ms],
-                    marker="o", capsize=3, label=g or grid.name)
+                    marker="o", capsize=3, label=group)
     ax.set_xlabel("sampling temperature")
     ax.set_ylabel("dev chrF")
     ax.grid(alpha=0.3)

@@ -57,10 +57,12 @@ class ClozeTask:
                           # that DPO could push apart instead of the answer
 
     def __init__(self, train: list[dict], dev: list[dict], answers: dict[int, str], tokenizer,
-                 max_length: int):
+                 max_length: int, chat_template: bool = False):
         if not train:
             raise UserError(f"the {self.name} training data has no usable example; check "
                             f"config.data.train")
+        self.chat_template = chat_template
+        train, dev = self.rendered(train, tokenizer), self.rendered(dev, tokenizer)
         self.train, self.dev, self.tokenizer = train, dev, tokenizer
         self.labels = sorted(answers)
         self.answer_ids = batching.first_token_ids(tokenizer, [answers[k] for k in self.labels])
@@ -68,6 +70,12 @@ class ClozeTask:
         self.dev_prompts = _prompt_items([e["prompt"] for e in dev], tokenizer, max_length,
                                          "dev")
         self.dev_labels = np.array([e["label"] for e in dev])
+
+    def rendered(self, examples: list[dict], tokenizer) -> list[dict]:
+        """The examples with their prompts in the chat template, with `data.chat_template`."""
+        if not self.chat_template:
+            return examples
+        return [{**e, "prompt": jsonl.chat_prompt(e["prompt"], tokenizer)} for e in examples]
 
     def sft_examples(self) -> list[dict]:
         return self.train
@@ -116,7 +124,8 @@ class YesNoTask(ClozeTask):
 
     def __init__(self, data_config, tokenizer, max_length: int, seed: int):
         train, dev = synthetic.make_yes_no_task(data_config.n_train, data_config.n_dev, seed)
-        super().__init__(train, dev, synthetic.LABEL_COMPLETIONS, tokenizer, max_length)
+        super().__init__(train, dev, synthetic.LABEL_COMPLETIONS, tokenizer, max_length,
+                         data_config.chat_template)
 
 
 def subsample(examples: list, scale: float, seed: int) -> list:
@@ -151,9 +160,10 @@ class ParaphraseTask(ClozeTask):
         if data_config.dev_limit > 0:
             dev = dev[:data_config.dev_limit]
         super().__init__(subsample(train, data_config.scale, seed), dev, paraphrase.ANSWERS,
-                         tokenizer, max_length)
-        self.test = (paraphrase.read(data_config.test, labelled=False, what="config.data.test")
-                     if data_config.test else [])
+                         tokenizer, max_length, data_config.chat_template)
+        self.test = self.rendered(paraphrase.read(data_config.test, labelled=False,
+                                                  what="config.data.test")
+                                  if data_config.test else [], tokenizer)
         self.max_length = max_length
         self._latest = None  # (evaluation, policy, batch_size) of the last evaluate call
 
@@ -184,6 +194,19 @@ class ParaphraseTask(ClozeTask):
 
 
 def _paraphrase_splits(data_config) -> tuple[list[dict], list[dict]]:
+    """`(train, dev)`: the training and dev files (or hub splits); with `data.dev_from_train`
+    = N, the training data but its last N examples, and those."""
+    train, dev = _paraphrase_files(data_config)
+    held_out = data_config.dev_from_train
+    if held_out:
+        if held_out >= len(train):
+            raise UserError(f"config.data.dev_from_train={held_out} leaves nothing to train on: "
+                            f"the training data has {len(train)} usable examples")
+        return train[:-held_out], train[-held_out:]
+    return train, dev
+
+
+def _paraphrase_files(data_config) -> tuple[list[dict], list[dict]]:
     hub = data_config.hub_dataset
     if hub:
         def split(name, what):
@@ -193,7 +216,8 @@ def _paraphrase_splits(data_config) -> tuple[list[dict], list[dict]]:
                 split(data_config.hub_dev_split, "config.data.hub_dev_split")
                 if data_config.hub_dev_split else [])
     return (paraphrase.read(data_config.train, what="config.data.train"),
-            paraphrase.read(data_config.dev, what="config.data.dev") if data_config.dev else [])
+            paraphrase.read(data_config.dev, what="config.data.dev")
+            if data_config.dev and not data_config.dev_from_train else [])
 
 
 PAIRINGS = ("one_sample", "worst_of_k")
@@ -227,6 +251,7 @@ class SonnetTask:
         self.sampling = dict(max_new_tokens=data_config.max_new_tokens,
                              temperature=data_config.temperature, top_p=data_config.top_p)
         self.seeds = tuple(int(s) for s in data_config.eval_seeds)
+        self.temperatures = tuple(float(t) for t in data_config.eval_temperatures)
         if not self.seeds:
             raise UserError("config.data.eval_seeds is empty; give at least one, e.g. (0,)")
         if data_config.pairing not in PAIRINGS:
@@ -253,23 +278,37 @@ class SonnetTask:
                  "rejected": min(options, key=lambda c: chrf.sentence_chrf(p + c, t))}
                 for p, t, options in zip(prompts, texts, samples)]
 
-    def complete(self, policy, prompts: list[str], seed: int, batch_size: int) -> list[str]:
-        """Each prompt followed by its sampled continuation."""
-        continuations = policy.generate(prompts, seed=seed, batch_size=batch_size,
-                                        **self.sampling)
+    def complete(self, policy, prompts: list[str], seed: int, batch_size: int,
+                 temperature: float | None = None) -> list[str]:
+        """Each prompt followed by its sampled continuation (at `data.temperature`, or at
+        `temperature`)."""
+        sampling = {**self.sampling, **({} if temperature is None else
+                                        {"temperature": temperature})}
+        continuations = policy.generate(prompts, seed=seed, batch_size=batch_size, **sampling)
         return [p + c for p, c in zip(prompts, continuations)]
 
     def evaluate(self, policy, batch_size: int) -> Evaluation:
+        """`chrf` (mean over the seeds), `chrf_std` and `chrf_seed{s}` at `data.temperature`;
+        with `data.eval_temperatures`, `chrf_T{t}` (mean over the seeds) at each of them."""
         if not self.dev:
             return Evaluation({}, [])
         prompts = [s["text"] for s in self.dev]
         references = [s["text"] for s in self.references]
-        generated = [self.complete(policy, prompts, seed, batch_size) for seed in self.seeds]
-        per_seed = [chrf.corpus_chrf(sonnets.parse_generated(sonnets.format_generated(texts)),
-                                     references) for texts in generated]
+
+        def chrf_per_seed(temperature=None):
+            generated = [self.complete(policy, prompts, seed, batch_size, temperature)
+                         for seed in self.seeds]
+            return generated, [chrf.corpus_chrf(sonnets.parse_generated(
+                sonnets.format_generated(texts)), references) for texts in generated]
+
+        generated, per_seed = chrf_per_seed()
         scores = {"chrf": float(np.mean(per_seed)),
                   "chrf_std": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0,
                   **{f"chrf_seed{s}": v for s, v in zip(self.seeds, per_seed)}}
+        for t in self.temperatures:
+            same = t == self.sampling["temperature"]
+            scores[f"chrf_T{t:g}"] = (scores["chrf"] if same
+                                      else float(np.mean(chrf_per_seed(t)[1])))
         examples = [{"id": sonnet["id"], "position": i, "seeds": list(self.seeds),
                      "generated": [texts[i] for texts in generated],
                      "chrf": [chrf.sentence_chrf(texts[i], reference) for texts in generated]}

@@ -266,9 +266,11 @@ def _train(run: Run, workdir: Path, stop_after_steps: int) -> dict:
 
     meta = resume.meta if resume else {"stage": 0, "stage_step": 0, "global_step": 0,
                                        "evals": []}
-    if not resume:
-        meta["evals"].append({"after": "start", **_evaluate(run, run.trainable).scores})
-    steps_this_call, final, stop = 0, None, {"signal": None}
+    final = None
+    if not resume and config.eval_at_start:
+        final = _evaluate(run, run.trainable)
+        meta["evals"].append({"after": "start", **final.scores})
+    steps_this_call, stop = 0, {"signal": None}
     try:
         with _stop_on_signal() as stop:
             for stage_idx in range(meta["stage"], len(config.stages)):

@@ -81,6 +81,10 @@ BAD_VALUES = {
     "target_modules regex": ({"param.kind": "lora", "param.target_modules": "c_(attn"},
                              "not a valid regex"),
     "max_loss": ({"max_loss": -1.0}, "max_loss=-1.0"),
+    "dev_limit": ({"data.dev_limit": -5}, "dev_limit=-5"),
+    "dev_from_train": ({"data.dev_from_train": -1}, "dev_from_train=-1"),
+    "eval_temperatures": ({"data.eval_temperatures": (1.0, 0.0)}, "eval_temperatures=(1.0, 0.0)"),
+    "nothing to do": ({"stages": [], "eval_at_start": False}, "the run would do nothing"),
 }
 
 

@@ -11,6 +11,7 @@ from jaxsftdpo.config import base_config, finalize, stage
 from jaxsftdpo.data import sonnets
 from jaxsftdpo.policy import Policy
 from jaxsftdpo.trainer import prepare, train_and_evaluate
+from test_data import chat_tokenizer  # noqa: F401 - a fixture
 
 QUESTIONS = ["How do I learn Python?", "What is the best phone?", "Why is the sky blue?",
              "Where can I buy a bike?"]
@@ -112,6 +113,7 @@ def test_sonnet_pipeline_sft_sampled_pairs_dpo_chrf(tmp_path):
         test=sonnet_file(data / "test.txt", [sonnets.prompt_of(t) for t in train[:3]],
                          newline="\r\n"),
         max_new_tokens=24, temperature=1.0, top_p=0.9, eval_seeds=(0, 1),
+        eval_temperatures=(1.0, 2.0),
         pairing="worst_of_k", pairing_k=2, eval_batch_size=8)
     run_dir = tmp_path / "run"
     results = train_and_evaluate(config, str(run_dir))
@@ -120,6 +122,8 @@ def test_sonnet_pipeline_sft_sampled_pairs_dpo_chrf(tmp_path):
     final = results["final"]
     assert 0 < final["chrf"] <= 100
     assert final["chrf"] == pytest.approx((final["chrf_seed0"] + final["chrf_seed1"]) / 2)
+    assert final["chrf_T1"] == final["chrf"] and 0 < final["chrf_T2"] <= 100
+    assert final["chrf_T2"] != final["chrf"]  # sampled at another temperature
     pairs = [json.loads(line) for line in (run_dir / "pairs_stage2.jsonl").read_text()
              .splitlines()]
     assert [(p["prompt"], p["chosen"]) for p in pairs] == [
@@ -175,3 +179,60 @@ def test_paraphrase_dev_limit_scores_the_first_dev_pairs(quora):
                            ByteTokenizer(), 128, 0)
     assert [e["id"] for e in task.dev] == [e["id"] for e in everything.dev[:10]]
     assert len(everything.dev) == 64
+
+
+def test_paraphrase_chat_template_wraps_every_prompt(quora, chat_tokenizer):
+    from jaxsftdpo.data.tokenizer import ByteTokenizer
+    from jaxsftdpo.errors import UserError
+    from jaxsftdpo.tasks import make_task
+
+    def task(tokenizer, chat):
+        config = tiny_config("paraphrase", [stage("sft", steps=1)], train=quora["train"],
+                             dev=quora["dev"], test=quora["test"], chat_template=chat)
+        return make_task(config.data, tokenizer, 512, 0)
+
+    plain, chat = task(chat_tokenizer, False), task(chat_tokenizer, True)
+    for got, raw in ((chat.train, plain.train), (chat.dev, plain.dev), (chat.test, plain.test)):
+        assert [e["prompt"] for e in got] == [chat_tokenizer.apply_chat_template(
+            [{"role": "user", "content": e["prompt"]}], tokenize=False,
+            add_generation_prompt=True) for e in raw]
+    assert chat.train[0]["prompt"].endswith("<|assistant|>")
+    assert [e["completion"] for e in chat.train] == [e["completion"] for e in plain.train]
+    assert [list(ids) for ids in chat.dev_prompts[:3]] == [
+        chat_tokenizer.prefix_ids + chat_tokenizer.encode(e["prompt"]) for e in chat.dev[:3]]
+    with pytest.raises(UserError, match="chat_template=False"):
+        task(ByteTokenizer(), True)
+
+
+def test_dev_from_train_holds_out_the_last_rows_and_stages_may_be_empty(quora, tmp_path):
+    from jaxsftdpo.data import paraphrase
+    from jaxsftdpo.errors import UserError
+
+    rows = paraphrase.read(quora["train"])
+    config = tiny_config("paraphrase", [], train=quora["train"], dev="missing.csv",
+                         dev_from_train=40)
+    run = prepare(config)
+    assert [e["id"] for e in run.task.dev] == [e["id"] for e in rows[-40:]]
+    assert [e["id"] for e in run.task.train] == [e["id"] for e in rows[:-40]]
+    # no stages: the run only evaluates, once
+    results = train_and_evaluate(config, str(tmp_path / "zero_shot"))
+    assert [e["after"] for e in results["evals"]] == ["start"] and "accuracy" in results["final"]
+    # eval_at_start=False: the first evaluation is the first stage's
+    config = tiny_config("paraphrase", [stage("sft", steps=2, batch_size=8)],
+                         train=quora["train"], dev_from_train=40)
+    config.eval_at_start = False
+    results = train_and_evaluate(config, str(tmp_path / "no_start"))
+    assert [e["after"] for e in results["evals"]] == ["1:sft"]
+    with pytest.raises(UserError, match="leaves nothing to train on"):
+        prepare(tiny_config("paraphrase", [], train=quora["train"], dev_from_train=len(rows)))
+
+
+def test_prompt_logits_in_length_order_come_back_in_the_prompts_order():
+    config = tiny_config("yes_no", [stage("sft", steps=1)], n_train=16, n_dev=8)
+    run = prepare(config)
+    policy = Policy(run.graphdef, run.trainable, run.frozen, run.tokenizer, run.mesh, 64)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 256, size=n).astype(np.int32) for n in (30, 3, 17, 9, 41, 5)]
+    together = policy.prompt_logits(prompts, batch_size=4)
+    alone = np.concatenate([policy.prompt_logits([p], batch_size=1) for p in prompts])
+    np.testing.assert_allclose(together, alone, atol=1e-5)

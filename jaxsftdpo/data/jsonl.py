@@ -126,16 +126,28 @@ def chat_example(messages, tokenizer) -> dict | None:
     return {"prompt": prompt, "completion": full[len(prompt):]}
 
 
-def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
+def chat_prompt(prompt: str, tokenizer) -> str:
+    """`prompt` as the user turn of the tokenizer's chat template, with the generation prompt
+    after it (`config.data.chat_template`)."""
+    text = _render(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True,
+                   instead="set config.data.chat_template=False")
+    bos = getattr(getattr(tokenizer, "tokenizer", None), "bos_token", None)
+    if bos and tokenizer.prefix_ids and text.startswith(bos):  # tokenizing adds it again
+        text = text[len(bos):]
+    return text
+
+
+def _render(tokenizer, messages, add_generation_prompt: bool,
+            instead: str = "give prompt/completion rows") -> str:
     if not hasattr(tokenizer, "apply_chat_template"):
-        raise UserError("rows with `messages` need a tokenizer with a chat template; set "
-                        "config.model.tokenizer to one, or give prompt/completion rows")
+        raise UserError(f"a chat template needs a Hugging Face tokenizer that has one; set "
+                        f"config.model.tokenizer to one, or {instead}")
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False,
                                              add_generation_prompt=add_generation_prompt)
     except ValueError as e:  # transformers: the tokenizer defines no chat template
-        raise UserError(f"cannot render `messages` ({first_line(e)}); use a tokenizer with a "
-                        "chat template or give prompt/completion rows") from e
+        raise UserError(f"cannot render a chat ({first_line(e)}); use a tokenizer with a chat "
+                        f"template, or {instead}") from e
 
 
 def load_hub_rows(spec: str, split: str) -> list[dict]:
