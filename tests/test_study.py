@@ -312,14 +312,14 @@ def test_smollm2_paraphrase_grid_runs_end_to_end(tmp_path):
     data = {"data.train": write_quora(tmp_path / "train.csv", 1200, 0),
             "data.dev": write_quora(tmp_path / "dev.csv", 40, 1)}
     grid, records = two_cells("configs/study/smollm2_paraphrase.py:size=cpu",
-                              ["zero_shot", "sft8_dpo8-lora8-n128"], data, tmp_path / "s")
+                              ["zero_shot", "sft6_dpo6-lora8-n96"], data, tmp_path / "s")
     assert all(r["finished"] for r in records)
     zero, staged = (r["results"] for r in records)
     assert [e["after"] for e in zero["evals"]] == ["start"]
     assert [e["after"] for e in staged["evals"]] == ["1:sft", "2:dpo"]  # eval_at_start off
-    assert staged["global_step"] == 16 and staged["trainable_params"] < staged["total_params"]
+    assert staged["global_step"] == 12 and staged["trainable_params"] < staged["total_params"]
     md = (tmp_path / "s" / "results.md").read_text()
-    assert "| zero_shot |" in md and "| sft8_dpo8-lora8-n128 |" in md
+    assert "| zero_shot |" in md and "| sft6_dpo6-lora8-n96 |" in md
 
 
 def test_smollm2_sonnet_grid_runs_end_to_end(tmp_path):
