@@ -31,7 +31,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxsftdpo.errors import StorageError, UserError
+from jaxsftdpo.errors import StorageError, UserError, first_line
 from jaxsftdpo.steps import TrainState
 
 UNREADABLE_DIR = "unreadable_checkpoints"  # beside checkpoints/: those a resumed run set aside
@@ -68,7 +68,7 @@ class Resume:
             with quiet_absl():  # orbax warns about every item a partial restore leaves out
                 return self.manager.restore(self.step, args=ocp.args.Composite(**args))
         except Exception as e:  # noqa: BLE001 - tensorstore raises bare Exceptions
-            raise Unreadable(first_line(e)) from e
+            raise Unreadable(_reason(e)) from e
 
     def params(self, trainable, fix: str = FIX):
         """The trainable state of the checkpoint, in the shardings of `trainable`.
@@ -111,7 +111,7 @@ def _stored_shapes(item_dir: Path) -> dict | None:
     except FileNotFoundError:
         pass
     except (OSError, ValueError) as e:
-        raise Unreadable(f"{item_dir.name}/_METADATA: {first_line(e)}") from e
+        raise Unreadable(f"{item_dir.name}/_METADATA: {_reason(e)}") from e
     try:
         with quiet_absl(), ocp.StandardCheckpointer() as checkpointer:
             stored = checkpointer.metadata(item_dir)
@@ -150,12 +150,13 @@ def _drop_abandoned_io() -> None:
     sys.unraisablehook = hook
 
 
-def first_line(error: BaseException) -> str:
-    """The error's first line, without tensorstore's dump of its spec."""
-    lines = str(error).split(". See full TensorStore details")[0].strip().splitlines()
-    if not lines:
+def _reason(error: BaseException) -> str:
+    """The error's first line (`errors.first_line`) without tensorstore's dump of its spec,
+    after the error's type but for the bare `Exception`s tensorstore raises."""
+    text = str(error).split(". See full TensorStore details")[0]
+    if not text.strip():
         return type(error).__name__
-    first = lines[0][:200]
+    first = first_line(text, 200)
     return first if type(error) is Exception else f"{type(error).__name__}: {first}"
 
 
@@ -208,7 +209,7 @@ class Manager:
                 meta = self.manager.restore(step, args=ocp.args.Composite(
                     meta=ocp.args.JsonRestore())).meta
         except Exception as e:  # noqa: BLE001 - a missing or cut JSON file, ...
-            raise Unreadable(f"meta: {first_line(e)}") from e
+            raise Unreadable(f"meta: {_reason(e)}") from e
         if not isinstance(meta, dict) or "global_step" not in meta:
             raise Unreadable("meta: not a run's position")
         return Resume(self.manager, step, meta)
@@ -297,7 +298,7 @@ def _os_reason(error: Exception) -> str:
         return os.strerror(int(code[1]))
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
-    return first_line(error)
+    return _reason(error)
 
 
 def newest_restorable(manager: Manager, restore, fix: str):

@@ -9,7 +9,7 @@ from pathlib import Path
 from absl import flags
 from ml_collections import config_flags
 
-from jaxsftdpo.errors import ExitError, UserError
+from jaxsftdpo.errors import ExitError, UserError, one_line
 
 KEYS_HELP = "jaxsftdpo/config.py lists every key and its type"
 
@@ -111,7 +111,9 @@ def _index_error(argv) -> str:
 
 
 def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).replace("\\n", " ").split())
+    """`errors.one_line` for what absl and ml_collections raise: also the `\\n` of a repr'd
+    message breaks the line, and a bare key name loses its quotes."""
+    text = one_line(str(error).replace("\\n", " "))
     if " " not in text:  # a bare key name, as KeyError and AttributeError give it: 'foo'
         text = text.strip("'\"")
     return text or type(error).__name__
@@ -134,8 +136,19 @@ def run_cli(main, argv=None, *, required: dict | None = None) -> None:
     if any(arg in ("-h", "--help", "--helpfull") for arg in argv[1:]):
         _print_help(argv)
         return
-    try:
+
+    def parse_and_run():
         _parse_flags(argv, required or {})
+        main()
+
+    exit_on_error(parse_and_run)
+
+
+def exit_on_error(main) -> None:
+    """Run `main()`; an `ExitError` ends the process with one line on stderr,
+    `{prefix}: message`, and its exit status. Every command ends this way (`python -m
+    jaxsftdpo.study` too, whose arguments argparse parses)."""
+    try:
         main()
     except ExitError as e:
         print(f"{e.prefix}: {_one_line(e)}", file=sys.stderr)

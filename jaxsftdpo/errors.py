@@ -38,3 +38,16 @@ class Stopped(ExitError):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.exit_status = 128 + signum
+
+
+def first_line(error: BaseException | str, limit: int | None = None) -> str:
+    """The first line of an error's message (cut to `limit` characters), or the name of its
+    type when the message is empty: for a one-line report that quotes a library's error."""
+    lines = str(error).strip().splitlines()
+    return lines[0][:limit] if lines else type(error).__name__
+
+
+def one_line(error: BaseException | str, limit: int | None = None) -> str:
+    """The whole message of an error on one line (each run of white space, line breaks
+    included, one space), cut to `limit` characters."""
+    return " ".join(str(error).split())[:limit]

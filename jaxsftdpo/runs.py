@@ -30,6 +30,7 @@ CONFIG_FILE = "config.json"
 TOKENIZER_DIR = "tokenizer"
 CHECKPOINT_DIR = "checkpoints"
 DIVERGED_FILE = "diverged.json"  # written by a run that diverged: step, stage, why
+RESULTS_FILE = "results.json"    # written last, by a run that finished
 
 
 @dataclasses.dataclass

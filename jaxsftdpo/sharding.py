@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxsftdpo.errors import UserError
+from jaxsftdpo.errors import UserError, first_line
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -205,8 +205,7 @@ def _initialize() -> None:
     try:
         jax.distributed.initialize(**kwargs)
     except (RuntimeError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise UserError(f"jax.distributed.initialize() failed ({first}); start every process "
-                        f"with the same command before JAX is used, and set "
+        raise UserError(f"jax.distributed.initialize() failed ({first_line(e, 200)}); start "
+                        f"every process with the same command before JAX is used, and set "
                         f"JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID where "
                         f"no cluster manager provides them") from e

@@ -53,8 +53,9 @@ from pathlib import Path
 import ml_collections as mlc
 
 from jaxsftdpo.config import describe_differences
-from jaxsftdpo.errors import Diverged, ExitError, Stopped, UserError
-from jaxsftdpo.runs import DIVERGED_FILE
+from jaxsftdpo.cli import exit_on_error
+from jaxsftdpo.errors import Diverged, Stopped, UserError, one_line
+from jaxsftdpo.runs import DIVERGED_FILE, RESULTS_FILE
 
 GRID_KEYS = {"name", "cells", "seeds", "seed_keys", "overrides", "metric", "compare", "n_boot",
              "description"}
@@ -99,12 +100,8 @@ def _import_file(path: Path, what: str):
         spec.loader.exec_module(module)
     except Exception as e:  # a user's file: any error in it is theirs to fix
         raise UserError(f"{what} file {path} failed to load: {type(e).__name__}: "
-                        f"{_one_line(e)}") from e
+                        f"{one_line(e, 300)}") from e
     return module
-
-
-def _one_line(e) -> str:
-    return " ".join(str(e).split())[:300]
 
 
 def load_grid(path, *, extra_overrides: dict | None = None) -> Grid:
@@ -124,7 +121,7 @@ def load_grid(path, *, extra_overrides: dict | None = None) -> Grid:
     except UserError:
         raise
     except Exception as e:
-        raise UserError(f"{path}: get_grid() failed: {type(e).__name__}: {_one_line(e)}") from e
+        raise UserError(f"{path}: get_grid() failed: {type(e).__name__}: {one_line(e, 300)}") from e
     if not isinstance(spec, dict):
         raise UserError(f"{path}: get_grid() must return a dict, got {type(spec).__name__}")
     _check_keys(spec, GRID_KEYS, f"{path}: grid")
@@ -209,7 +206,7 @@ def load_config(path: Path, arg: str = "") -> mlc.ConfigDict:
         raise
     except Exception as e:
         raise UserError(f"{path}:{arg}: get_config failed: {type(e).__name__}: "
-                        f"{_one_line(e)}") from e
+                        f"{one_line(e, 300)}") from e
 
 
 def apply_override(config: mlc.ConfigDict, key: str, value, where: str = "") -> None:
@@ -244,7 +241,7 @@ def _assign(label: str, assign):
     try:
         assign()
     except (AttributeError, KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{label}: {_one_line(e)[:200]}") from e
+        raise UserError(f"{label}: {one_line(e, 200)}") from e
 
 
 def cell_config(grid: Grid, cell: Cell, seed: int) -> mlc.ConfigDict:
@@ -287,7 +284,7 @@ def run_grid(grid: Grid, workdir, *, seeds: int | None = None, train_fn=None, af
         out = run_dir(workdir, cell, seed)
         bar.set_postfix_str(f"{cell.name} seed {seed}")
         config = cell_config(grid, cell, seed)
-        if (out / "results.json").exists() or (out / DIVERGED_FILE).exists():
+        if (out / RESULTS_FILE).exists() or (out / DIVERGED_FILE).exists():
             _check_same_config(out, config, cell, seed)  # a diverged run would diverge again
             continue
         out.mkdir(parents=True, exist_ok=True)
@@ -305,7 +302,7 @@ def run_grid(grid: Grid, workdir, *, seeds: int | None = None, train_fn=None, af
             break
         finally:
             _add_wall_clock(out, time.perf_counter() - start)
-        if not (out / "results.json").exists():
+        if not (out / RESULTS_FILE).exists():
             stopped = (result or {}).get("stopped_at_step", "?")
             print(f"study: {cell.name} seed {seed} stopped at step {stopped}; rerun the same "
                   f"command to resume", file=sys.stderr)
@@ -343,7 +340,7 @@ def _add_wall_clock(out: Path, seconds: float):
 
 def _record(cell: Cell, seed: int, out: Path) -> dict:
     """A run's record; `diverged` holds the trainer's diverged.json of a run that diverged."""
-    results_path = out / "results.json"
+    results_path = out / RESULTS_FILE
     timing = out / "study_run.json"
     finished = results_path.exists()
     diverged = out / DIVERGED_FILE
@@ -405,23 +402,20 @@ def use_compilation_cache(workdir) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
-def main(argv=None) -> int:
-    try:
-        args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-        grid = load_grid(args.grid, extra_overrides=overrides)
-        use_compilation_cache(args.workdir)
-        if args.report_only:
-            from jaxsftdpo import study_report
-            seeds = grid.seeds if args.seeds is None else args.seeds
-            study_report.write_report(grid, collect(grid, args.workdir, seeds), args.workdir)
-        else:
-            run_grid(grid, args.workdir, seeds=args.seeds, progress=not args.no_progress)
-        print(f"study: wrote {Path(args.workdir) / 'results.md'}")
-    except ExitError as e:
-        print(f"{e.prefix}: {' '.join(str(e).split())}", file=sys.stderr)
-        return e.exit_status
-    return 0
+def main(argv=None) -> None:
+    """The command; bad input and a stopped study raise their `ExitError` (`cli.exit_on_error`
+    prints it and exits with its status)."""
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    grid = load_grid(args.grid, extra_overrides=overrides)
+    use_compilation_cache(args.workdir)
+    if args.report_only:
+        from jaxsftdpo import study_report
+        seeds = grid.seeds if args.seeds is None else args.seeds
+        study_report.write_report(grid, collect(grid, args.workdir, seeds), args.workdir)
+    else:
+        run_grid(grid, args.workdir, seeds=args.seeds, progress=not args.no_progress)
+    print(f"study: wrote {Path(args.workdir) / 'results.md'}")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_on_error(main)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from jaxsftdpo.errors import UserError
+from jaxsftdpo.errors import UserError, first_line
 
 
 def load(path: str, tokenizer, *, hub_dataset: str = "", hub_split: str = "",
@@ -165,10 +165,6 @@ def load_hub_rows(spec: str, split: str) -> list[dict]:
         raise UserError(f"cannot load hub dataset {spec!r} split {split!r} ({first_line(e)}); "
                         f"check the name and split, and that you are online") from e
     return [dict(row) for row in dataset]
-
-
-def first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _text(value) -> bool:

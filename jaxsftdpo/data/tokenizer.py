@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 
-from jaxsftdpo.errors import UserError
+from jaxsftdpo.errors import UserError, first_line
 
 BYTES = "bytes"
 BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
@@ -86,14 +86,10 @@ def load_tokenizer(name: str) -> ByteTokenizer | HFTokenizer:
     try:
         return HFTokenizer(AutoTokenizer.from_pretrained(name))
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load tokenizer {name!r} ({_first_line(e)}); give an existing "
+        raise UserError(f"cannot load tokenizer {name!r} ({first_line(e)}); give an existing "
                         f"local directory, a hub name available offline, or {BYTES!r}") from e
 
 
 def _looks_like_path(name: str) -> bool:
     return os.path.isabs(name) or name.startswith(".") or os.path.exists(name)
 
-
-def _first_line(error: Exception) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__

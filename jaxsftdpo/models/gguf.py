@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxsftdpo.errors import UserError
+from jaxsftdpo.errors import UserError, first_line
 
 GGUF_SUFFIX = ".gguf"
 _HF_CONFIG_FILE = "config.json"
@@ -104,7 +104,7 @@ def gguf_tokenizer(path: str | os.PathLike):
     try:
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"cannot build a tokenizer from {path} ({_first_line(e)}); give a "
+        raise UserError(f"cannot build a tokenizer from {path} ({first_line(e)}); give a "
                         f"tokenizer directory or hub name instead") from e
 
 
@@ -260,7 +260,7 @@ def _open(path: Path):
     try:
         return GGUFReader(path)
     except (ValueError, OSError, KeyError, IndexError) as e:  # bad magic, truncated file, ...
-        raise UserError(f"{path} is not a readable GGUF file ({_first_line(e)}); re-download or "
+        raise UserError(f"{path} is not a readable GGUF file ({first_line(e)}); re-download or "
                         f"re-convert it") from e
 
 
@@ -324,7 +324,3 @@ def _float32_value(value: float) -> float:
     """A float32 from the file as the decimal it was written from (1e-05, not 9.99999974e-06)."""
     return float(str(np.float32(value)))
 
-
-def _first_line(error: Exception) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__

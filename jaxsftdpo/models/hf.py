@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from jaxsftdpo.errors import UserError
+from jaxsftdpo.errors import UserError, first_line
 from jaxsftdpo.models import FAMILIES
 from jaxsftdpo.models.gguf import GGUFCheckpoint, gguf_file
 
@@ -170,9 +170,8 @@ def _download(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except (OSError, ValueError) as e:  # hub HTTP, offline-mode and invalid-id errors
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"could not get {repo_id!r} from the Hugging Face Hub ({reason}); check "
-                        f"the name and your network / HF_HUB_OFFLINE, or pass a local "
+        raise UserError(f"could not get {repo_id!r} from the Hugging Face Hub ({first_line(e)}); "
+                        f"check the name and your network / HF_HUB_OFFLINE, or pass a local "
                         f"checkpoint directory") from e
 
 
