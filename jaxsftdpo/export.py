@@ -53,7 +53,7 @@ def export_run(workdir, out, *, peft: bool = False, step: int | None = None,
                         f"model")
     _check_out(out, overwrite)
     runs.pick_step(workdir, step)  # no checkpoint / unknown step fail before the model is built
-    from jaxsftdpo import lora
+    from jaxsftdpo import lora, peft_export
     from jaxsftdpo.models import save_pretrained
     run = runs.load_run(workdir, step, devices=devices)
     if not run.finished:
@@ -69,8 +69,9 @@ def export_run(workdir, out, *, peft: bool = False, step: int | None = None,
             elif Path(base).expanduser().is_dir():
                 base = str(Path(base).expanduser().absolute())
             p = config.param
-            lora.save_peft_adapters(run.model(), staging, alpha=p.alpha, dropout=p.dropout,
-                                    use_rslora=p.use_rslora, base_model_name_or_path=base)
+            peft_export.save_peft_adapters(run.model(), staging, alpha=p.alpha,
+                                           dropout=p.dropout, use_rslora=p.use_rslora,
+                                           base_model_name_or_path=base)
         else:
             run.initial = None  # not needed here: free the copy of the starting weights
             model = lora.merge_lora(run.model())

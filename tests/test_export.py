@@ -3,7 +3,6 @@ adapters, both with jaxsftdpo's logits; evaluate reproduces the run's final scor
 exported with --model loads in transformers with its GGUF logits; bad input is one line on
 stderr, exit status 2, and nothing written."""
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -23,10 +22,12 @@ from jaxsftdpo.config import stage
 from jaxsftdpo.data.tokenizer import load_tokenizer
 from jaxsftdpo.evaluate import evaluate_model, evaluate_workdir
 from jaxsftdpo.export import export_model, export_run
-from jaxsftdpo.lora import (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, apply_lora, linear_modules,
-                            save_peft_adapters)
+from jaxsftdpo.lora import apply_lora, linear_modules
 from jaxsftdpo.models import save_pretrained
 from jaxsftdpo.models.gpt2 import GPT2, GPT2Config
+from jaxsftdpo.peft_export import (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE,
+                                   save_peft_adapters)
+from testing import quickstart_config
 from tiny_gguf import (END_OF_TEXT, EOS_ID, TOKENS, llama_config, random_model,
                        transformers_gguf_model, write_gguf)
 
@@ -37,18 +38,11 @@ transformers = pytest.importorskip("transformers")
 
 def quickstart(kind: str, stages):
     """configs/quickstart.py shrunk to a few steps."""
-    spec = importlib.util.spec_from_file_location("quickstart", REPO / "configs/quickstart.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    with config.unlocked():
-        config.model.init.n_embd = 32  # the quickstart model, narrower: the tests are about I/O
-        config.data.n_train, config.data.n_dev = 64, 32
-        config.data.eval_batch_size = 32
-        config.progress = False
-        config.stages = stages
-        config.param.kind = kind
-        config.param.r = 4
+    config = quickstart_config(**{
+        "model.init.n_embd": 32,  # the quickstart model, narrower: the tests are about I/O
+        "data.n_train": 64, "data.n_dev": 32, "data.eval_batch_size": 32,
+        "param.kind": kind, "param.r": 4})
+    config.stages = stages
     return config
 
 

@@ -1,7 +1,6 @@
 """The Llama-style family (llama, mistral, qwen2, qwen3): logits, saving, generation, LoRA and
 PEFT, meshes and the one-line errors, against tiny random transformers models."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,9 +17,10 @@ import transformers
 from flax import nnx
 
 from jaxsftdpo import generate as gen
-from jaxsftdpo import lora, trainer
+from jaxsftdpo import lora, peft_export, trainer
 from jaxsftdpo.errors import UserError
 from jaxsftdpo.models import from_pretrained, llama, save_pretrained
+from testing import quickstart_config
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 128
@@ -177,7 +177,7 @@ def test_lora_matches_peft_and_its_export_loads_in_peft(untied, tmp_path):
     model = from_pretrained(directory)
     lora.apply_lora(model, r=4, alpha=8, target_modules="all-linear")
     randomize_adapter_b(model)
-    lora.save_peft_adapters(model, tmp_path / "adapters", alpha=8)
+    peft_export.save_peft_adapters(model, tmp_path / "adapters", alpha=8)
     config = json.loads((tmp_path / "adapters/adapter_config.json").read_text())
     assert sorted(config["target_modules"]) == sorted(ALL_LINEAR)
     assert config["fan_in_fan_out"] is False
@@ -210,15 +210,10 @@ TINY_INIT = dict(model_type="llama", vocab_size=257, hidden_size=32, intermediat
 
 
 def tiny_llama_config(**mesh):
-    spec = importlib.util.spec_from_file_location("quickstart", ROOT / "configs/quickstart.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
-    c.model.init = mlc.ConfigDict(TINY_INIT)
-    c.data.n_train, c.data.n_dev, c.data.eval_batch_size = 64, 16, 16
+    c = quickstart_config(**{"model.init": mlc.ConfigDict(TINY_INIT), "data.n_train": 64,
+                             "data.n_dev": 16, "data.eval_batch_size": 16, "log_every": 1})
     for stage in c.stages:
         stage.update(epochs=0, steps=2, batch_size=16, warmup_steps=0)
-    c.log_every, c.progress = 1, False
     c.mesh.update(**mesh)
     return c
 

@@ -7,7 +7,6 @@ continues as the uninterrupted 4-device run does.
 This file is also the worker: `python tests/test_multihost.py WORKDIR PORT PROCESS_ID STEPS`.
 """
 
-import importlib.util
 import json
 import os
 import socket
@@ -15,28 +14,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import testing
+
 ROOT = Path(__file__).resolve().parents[1]
 PROCESSES, LOCAL_DEVICES, STOP_AFTER = 2, 2, 2
 TIMEOUT_S = 300
 
 
 def tiny_config():
-    from jaxsftdpo.config import stage
-    spec = importlib.util.spec_from_file_location("quickstart", ROOT / "configs/quickstart.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
-    c.model.init.update(n_positions=64, n_embd=32, n_layer=1, n_head=4)
-    c.model.dropout = True
-    c.data.n_train, c.data.n_dev, c.data.eval_batch_size = 32, 8, 8
     # SFT with dropout (the masks do not depend on how the batch is split over devices), then
     # DPO; the 2-process run stops mid-SFT so the restore picks up optimizer state mid-stage.
-    c.stages = [stage("sft", steps=3, learning_rate=1e-3, batch_size=8, grad_accum=2),
-                stage("dpo", steps=2, learning_rate=1e-3, batch_size=8, grad_accum=2)]
-    c.log_every = 1
-    c.checkpoint_every = 100
-    c.progress = False
-    return c
+    return testing.tiny_config(3, 2, batch_size=8, grad_accum=2, **testing.ONE_LAYER,
+                               **{"model.dropout": True, "checkpoint_every": 100})
 
 
 def worker(workdir: str, port: int, process_id: int, stop_after: int) -> None:

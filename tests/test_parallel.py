@@ -4,9 +4,7 @@ at scored positions only change nothing.
 Eight CPU devices (tests/conftest.py); tiny GPT-2s so every case compiles in seconds.
 """
 
-import importlib.util
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,24 +14,15 @@ import pytest
 from jaxsftdpo import sharding, steps, trainer
 from jaxsftdpo.config import stage
 from jaxsftdpo.errors import UserError
+from testing import ONE_LAYER, tiny_config
 
-ROOT = Path(__file__).resolve().parents[1]
 N = 4  # devices of the data-parallel comparisons
 
 
 def quickstart_config(**model):
-    spec = importlib.util.spec_from_file_location("quickstart", ROOT / "configs/quickstart.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
-    c.model.init.update(**{**dict(n_positions=64, n_embd=32, n_layer=1, n_head=4), **model})
-    c.model.dropout = False
-    c.data.n_train, c.data.n_dev, c.data.eval_batch_size = 32, 8, 8
-    c.stages = [stage("sft", steps=2, learning_rate=1e-3, batch_size=8, grad_accum=2),
-                stage("dpo", steps=2, learning_rate=1e-3, batch_size=8, grad_accum=2)]
-    c.log_every = 1
-    c.progress = False
-    return c
+    """The one-layer quickstart, 2 SFT and 2 DPO steps; `model` changes `config.model.init`."""
+    return tiny_config(2, 2, batch_size=8, grad_accum=2, **{
+        **ONE_LAYER, "model.dropout": False, **{f"model.init.{k}": v for k, v in model.items()}})
 
 
 def random_batch(kind, accum=2, rows=8, length=16, seed=0):

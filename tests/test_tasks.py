@@ -7,11 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from jaxsftdpo.config import base_config, finalize, stage
+from jaxsftdpo.config import stage
 from jaxsftdpo.data import sonnets
 from jaxsftdpo.policy import Policy
 from jaxsftdpo.trainer import prepare, train_and_evaluate
 from test_data import chat_tokenizer  # noqa: F401 - a fixture
+from testing import task_config
 
 QUESTIONS = ["How do I learn Python?", "What is the best phone?", "Why is the sky blue?",
              "Where can I buy a bike?"]
@@ -40,20 +41,6 @@ def majority_accuracy(path) -> float:
     return max(np.mean(labels), 1 - np.mean(labels))
 
 
-def tiny_config(task, stages, **data):
-    c = base_config()
-    c.model.tokenizer = "bytes"
-    c.model.init.update(n_positions=128, n_embd=64, n_layer=2, n_head=4)
-    c.data.task = task
-    c.data.update(data)
-    c.stages = stages
-    c.dpo.beta = 0.2
-    c.progress = False
-    c.log_every = 1000
-    c.checkpoint_every = 10_000
-    return finalize(c)
-
-
 @pytest.fixture(scope="module")
 def quora(tmp_path_factory):
     d = tmp_path_factory.mktemp("quora")
@@ -64,7 +51,7 @@ def quora(tmp_path_factory):
 
 
 def test_paraphrase_sft_only_beats_majority_and_writes_submissions(quora, tmp_path):
-    config = tiny_config("paraphrase", [stage("sft", epochs=8, learning_rate=3e-3,
+    config = task_config("paraphrase", [stage("sft", epochs=8, learning_rate=3e-3,
                                               batch_size=32)],
                          train=quora["train"], dev=quora["dev"], test=quora["test"])
     results = train_and_evaluate(config, str(tmp_path))
@@ -78,7 +65,7 @@ def test_paraphrase_sft_only_beats_majority_and_writes_submissions(quora, tmp_pa
 
 
 def test_paraphrase_dpo_only_beats_majority(quora, tmp_path):
-    config = tiny_config("paraphrase", [stage("dpo", epochs=8, learning_rate=3e-3,
+    config = task_config("paraphrase", [stage("dpo", epochs=8, learning_rate=3e-3,
                                               batch_size=32)],
                          train=quora["train"], dev=quora["dev"])
     results = train_and_evaluate(config, str(tmp_path))
@@ -103,7 +90,7 @@ def test_sonnet_pipeline_sft_sampled_pairs_dpo_chrf(tmp_path):
     true_dev = ["\n".join(LINES[j] for j in rng.permutation(len(LINES))[:5]) for _ in range(2)]
     data = tmp_path / "data"
     data.mkdir()
-    config = tiny_config(
+    config = task_config(
         "sonnets",
         [stage("sft", epochs=4, learning_rate=3e-3, batch_size=8),
          stage("dpo", epochs=1, learning_rate=1e-3, batch_size=8)],
@@ -151,7 +138,7 @@ def test_jsonl_task_trains_sft_and_dpo_rows_and_scores_dev(tmp_path):
             *({"prompt": f"Q{i}: ", "chosen": "good", "rejected": "bad"} for i in range(8))]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
-    config = tiny_config("jsonl", [stage("sft", epochs=1, batch_size=8),
+    config = task_config("jsonl", [stage("sft", epochs=1, batch_size=8),
                                    stage("dpo", epochs=1, batch_size=8)],
                          train=str(tmp_path / "train.jsonl"), dev=str(tmp_path / "dev.jsonl"),
                          truncate=True)
@@ -171,10 +158,10 @@ def test_paraphrase_dev_limit_scores_the_first_dev_pairs(quora):
     from jaxsftdpo.data.tokenizer import ByteTokenizer
     from jaxsftdpo.tasks import make_task
 
-    config = tiny_config("paraphrase", [stage("sft", steps=1)], train=quora["train"],
+    config = task_config("paraphrase", [stage("sft", steps=1)], train=quora["train"],
                          dev=quora["dev"], dev_limit=10)
     task = make_task(config.data, ByteTokenizer(), 128, 0)
-    everything = make_task(tiny_config("paraphrase", [stage("sft", steps=1)],
+    everything = make_task(task_config("paraphrase", [stage("sft", steps=1)],
                                        train=quora["train"], dev=quora["dev"]).data,
                            ByteTokenizer(), 128, 0)
     assert [e["id"] for e in task.dev] == [e["id"] for e in everything.dev[:10]]
@@ -187,7 +174,7 @@ def test_paraphrase_chat_template_wraps_every_prompt(quora, chat_tokenizer):
     from jaxsftdpo.tasks import make_task
 
     def task(tokenizer, chat):
-        config = tiny_config("paraphrase", [stage("sft", steps=1)], train=quora["train"],
+        config = task_config("paraphrase", [stage("sft", steps=1)], train=quora["train"],
                              dev=quora["dev"], test=quora["test"], chat_template=chat)
         return make_task(config.data, tokenizer, 512, 0)
 
@@ -209,7 +196,7 @@ def test_dev_from_train_holds_out_the_last_rows_and_stages_may_be_empty(quora, t
     from jaxsftdpo.errors import UserError
 
     rows = paraphrase.read(quora["train"])
-    config = tiny_config("paraphrase", [], train=quora["train"], dev="missing.csv",
+    config = task_config("paraphrase", [], train=quora["train"], dev="missing.csv",
                          dev_from_train=40)
     run = prepare(config)
     assert [e["id"] for e in run.task.dev] == [e["id"] for e in rows[-40:]]
@@ -218,17 +205,17 @@ def test_dev_from_train_holds_out_the_last_rows_and_stages_may_be_empty(quora, t
     results = train_and_evaluate(config, str(tmp_path / "zero_shot"))
     assert [e["after"] for e in results["evals"]] == ["start"] and "accuracy" in results["final"]
     # eval_at_start=False: the first evaluation is the first stage's
-    config = tiny_config("paraphrase", [stage("sft", steps=2, batch_size=8)],
+    config = task_config("paraphrase", [stage("sft", steps=2, batch_size=8)],
                          train=quora["train"], dev_from_train=40)
     config.eval_at_start = False
     results = train_and_evaluate(config, str(tmp_path / "no_start"))
     assert [e["after"] for e in results["evals"]] == ["1:sft"]
     with pytest.raises(UserError, match="leaves nothing to train on"):
-        prepare(tiny_config("paraphrase", [], train=quora["train"], dev_from_train=len(rows)))
+        prepare(task_config("paraphrase", [], train=quora["train"], dev_from_train=len(rows)))
 
 
 def test_prompt_logits_in_length_order_come_back_in_the_prompts_order():
-    config = tiny_config("yes_no", [stage("sft", steps=1)], n_train=16, n_dev=8)
+    config = task_config("yes_no", [stage("sft", steps=1)], n_train=16, n_dev=8)
     run = prepare(config)
     policy = Policy(run.graphdef, run.trainable, run.frozen, run.tokenizer, run.mesh, 64)
     rng = np.random.default_rng(0)

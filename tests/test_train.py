@@ -1,6 +1,5 @@
 """The trainer end to end on tiny models: learning, DPO's start, meshes, LoRA, resume, compiles."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -13,35 +12,9 @@ from flax import nnx
 from jaxsftdpo import checkpoint, lora, sharding, steps, tasks, trainer
 from jaxsftdpo.config import stage
 from jaxsftdpo.data import batching
+from testing import quickstart_config, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def quickstart_config():
-    spec = importlib.util.spec_from_file_location("quickstart", ROOT / "configs/quickstart.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    config.progress = False
-    return config
-
-
-def tiny_config(sft_steps=4, dpo_steps=3, **changes):
-    """The quickstart shrunk to seconds: a 2-layer width-64 GPT-2, a few steps per stage."""
-    c = quickstart_config()
-    c.model.init.n_embd = 64
-    c.data.n_train, c.data.n_dev = 64, 32
-    c.stages = ([stage("sft", steps=sft_steps, batch_size=16, learning_rate=1e-3)] * bool(sft_steps)
-                + [stage("dpo", steps=dpo_steps, batch_size=16, learning_rate=1e-3)] * bool(dpo_steps))
-    c.log_every = 1
-    c.checkpoint_every = 1000
-    for key, value in changes.items():
-        target = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
-    return c
 
 
 def metrics(workdir, kind=None):
