@@ -83,6 +83,9 @@ def base_config() -> mlc.ConfigDict:
     c.param = mlc.ConfigDict(dict(kind="fft", r=8, alpha=16.0, dropout=0.0,
                                   target_modules="all-linear", use_rslora=False))
 
+    # loss_type: sigmoid, hinge, robust, ipo (length-normalised) as TRL's DPOTrainer defines
+    # them, or cdpo (sigmoid with label_smoothing); label_smoothing only for cdpo and robust.
+    # README "jaxsftdpo vs TRL" has the formulas.
     c.dpo = mlc.ConfigDict(dict(beta=0.1, loss_type="sigmoid", label_smoothing=0.0,
                                 sft_weight=0.0, reference="frozen_copy", reference_path=""))
 

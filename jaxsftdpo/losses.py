@@ -16,8 +16,10 @@ import jax.numpy as jnp
 
 from jaxsftdpo.errors import UserError
 
-DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
-_SMOOTHED_LOSS_TYPES = ("sigmoid", "robust")
+# As TRL 1.16's DPOTrainer defines them (`ipo` length-normalised), plus `cdpo`, the smoothed
+# sigmoid TRL does not have under that name (its `sigmoid` takes no `label_smoothing`).
+DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "cdpo")
+_SMOOTHED_LOSS_TYPES = ("cdpo", "robust")
 
 
 def scored_mask(loss_mask: jax.Array) -> jax.Array:
@@ -58,6 +60,13 @@ def nll(logps: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
     return -jnp.where(valid, logps, 0.0).sum(), valid.sum().astype(jnp.float32)
 
 
+def vocab_mean_logits(logits: jax.Array) -> jax.Array:
+    """`[B,K]` float32 mean over the vocabulary of `logits [B,K,V]`, without gradient: at the
+    positions that predict completion tokens, what TRL's `logits/chosen` and `logits/rejected`
+    average (`completion_logit_sums`)."""
+    return jax.lax.stop_gradient(logits.astype(jnp.float32).mean(-1))
+
+
 def sequence_sums(logps: jax.Array, valid: jax.Array) -> jax.Array:
     """`[B]` float32: each row's sum (not mean, as DPO uses) of its `valid` token log-probs,
     e.g. `sequence_sums(token_logprobs(logits, ids), scored_mask(loss_mask))`."""
@@ -85,6 +94,15 @@ def dpo_sft_term(logps: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Arr
     return nll(logps, valid & chosen_rows)
 
 
+def completion_logit_sums(mean_logits: jax.Array, valid: jax.Array) -> dict[str, jax.Array]:
+    """`{"logits/chosen", "logits/rejected"}`: sums over the scored tokens of each half of a
+    `[2B, K]` pair batch (chosen rows first) of `vocab_mean_logits`. Divided by the chosen and
+    the rejected token counts they are TRL's metrics of those names: the mean over completion
+    tokens of the mean over the vocabulary of the logit that predicts the token."""
+    chosen, rejected = split_chosen_rejected(jnp.where(valid, mean_logits, 0.0))
+    return {"logits/chosen": chosen.sum(), "logits/rejected": rejected.sum()}
+
+
 def check_dpo_options(loss_type: str, *, beta: float, label_smoothing: float) -> None:
     """Raise `UserError` unless `loss_type` is known, `beta > 0` and `label_smoothing` suits it.
 
@@ -97,6 +115,10 @@ def check_dpo_options(loss_type: str, *, beta: float, label_smoothing: float) ->
         raise UserError(f"DPO beta must be > 0, got {beta}")
     if not 0.0 <= label_smoothing < 0.5:
         raise UserError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if label_smoothing and loss_type == "sigmoid":
+        raise UserError(f"label_smoothing={label_smoothing} with loss_type 'sigmoid': TRL's "
+                        f"sigmoid takes no label_smoothing; use loss_type=cdpo for the smoothed "
+                        f"(conservative DPO) sigmoid, or set label_smoothing to 0")
     if label_smoothing and loss_type not in _SMOOTHED_LOSS_TYPES:
         raise UserError(f"label_smoothing applies only to loss_type "
                         f"{' or '.join(_SMOOTHED_LOSS_TYPES)}, not {loss_type!r}; set it to 0")
@@ -105,31 +127,40 @@ def check_dpo_options(loss_type: str, *, beta: float, label_smoothing: float) ->
 def dpo_loss(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array,
              ref_chosen_logps: jax.Array, ref_rejected_logps: jax.Array, *, beta: float,
              loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+             chosen_tokens: jax.Array | None = None, rejected_tokens: jax.Array | None = None,
              ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
-    """`(loss_sum, pair_count, metrics_sums)` for `[B]` sequence log-probabilities.
+    """`(loss_sum, pair_count, metrics_sums)` for `[B]` summed sequence log-probabilities
+    (`sequence_sums`) and, for ipo, each row's completion-token count `[B]`.
 
     With `z = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)` and
     `ls = label_smoothing`, the per-pair loss is
-      sigmoid: `-log_sigmoid(beta*z)*(1-ls) - log_sigmoid(-beta*z)*ls`
+      sigmoid: `-log_sigmoid(beta*z)`
+      cdpo:    `-log_sigmoid(beta*z)*(1-ls) - log_sigmoid(-beta*z)*ls` (conservative DPO)
       robust:  `(-log_sigmoid(beta*z)*(1-ls) + log_sigmoid(-beta*z)*ls) / (1-2*ls)`
       hinge:   `relu(1 - beta*z)`
-      ipo:     `(z - 1/(2*beta))**2`
-    summed over pairs. All types use the log-probabilities as given; the caller passes summed
-    ones (`sequence_sums`). TRL's IPO instead averages per token, which corresponds to
-    passing `sequence_sums / completion_token_count` here.
+      ipo:     `(z_ipo - 1/(2*beta))**2`, with each log-ratio divided by its row's number
+               of completion tokens (at least 1), as TRL does:
+               `z_ipo = (policy_chosen - ref_chosen) / chosen_tokens
+                        - (policy_rejected - ref_rejected) / rejected_tokens`
+    summed over pairs. All but ipo ignore the token counts; ipo needs them.
 
     `metrics_sums` holds sums over pairs, named as TRL names them (divide by the pair count):
-    `rewards/chosen`, `rewards/rejected` (`beta * (policy - ref)`), `rewards/margins`,
-    `rewards/accuracies` (pairs with chosen reward > rejected reward), `logps/chosen`,
-    `logps/rejected` (policy). Metrics carry no gradient.
+    `rewards/chosen`, `rewards/rejected` (`beta * (policy - ref)`, summed log-probs for every
+    loss type), `rewards/margins`, `rewards/accuracies` (pairs with chosen reward > rejected
+    reward), `logps/chosen`, `logps/rejected` (policy, summed). Metrics carry no gradient.
 
     Raises `UserError` for an unknown `loss_type`, `beta <= 0`, or `label_smoothing` outside
-    [0, 0.5) or non-zero for hinge or ipo.
+    [0, 0.5) or non-zero for sigmoid (use cdpo), hinge or ipo; `ValueError` for ipo without
+    token counts.
     """
     check_dpo_options(loss_type, beta=beta, label_smoothing=label_smoothing)
     ls = label_smoothing
-    z = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
+    chosen_ratio = policy_chosen_logps - ref_chosen_logps
+    rejected_ratio = policy_rejected_logps - ref_rejected_logps
+    z = chosen_ratio - rejected_ratio
     if loss_type == "sigmoid":
+        losses = -jax.nn.log_sigmoid(beta * z)
+    elif loss_type == "cdpo":
         losses = -jax.nn.log_sigmoid(beta * z) * (1 - ls) - jax.nn.log_sigmoid(-beta * z) * ls
     elif loss_type == "robust":
         losses = ((-jax.nn.log_sigmoid(beta * z) * (1 - ls)
@@ -137,11 +168,15 @@ def dpo_loss(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array,
     elif loss_type == "hinge":
         losses = jax.nn.relu(1 - beta * z)
     else:
-        losses = (z - 1 / (2 * beta)) ** 2
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ValueError("loss_type 'ipo' divides each log-ratio by its completion length: "
+                             "pass chosen_tokens and rejected_tokens")
+        per_token = lambda ratio, n: ratio / jnp.maximum(jnp.asarray(n, jnp.float32), 1.0)
+        z_ipo = per_token(chosen_ratio, chosen_tokens) - per_token(rejected_ratio, rejected_tokens)
+        losses = (z_ipo - 1 / (2 * beta)) ** 2
 
     sg = jax.lax.stop_gradient
-    chosen_rewards = beta * sg(policy_chosen_logps - ref_chosen_logps)
-    rejected_rewards = beta * sg(policy_rejected_logps - ref_rejected_logps)
+    chosen_rewards, rejected_rewards = beta * sg(chosen_ratio), beta * sg(rejected_ratio)
     metrics = {
         "rewards/chosen": chosen_rewards.sum(),
         "rewards/rejected": rejected_rewards.sum(),

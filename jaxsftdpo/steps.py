@@ -59,15 +59,18 @@ def normalisers(kind: str, batch: dict, axis_name: str | None = None) -> dict:
         counts = {"tokens": batch["loss_mask"][..., 1:].sum()}
     else:
         chosen = batch["chosen_loss_mask"]
-        counts = {"pairs": chosen.any(-1).sum(), "chosen_tokens": chosen[..., 1:].sum()}
+        counts = {"pairs": chosen.any(-1).sum(), "chosen_tokens": chosen[..., 1:].sum(),
+                  "rejected_tokens": batch["rejected_loss_mask"][..., 1:].sum()}
     if axis_name is not None:
         counts = jax.lax.psum(counts, axis_name)
     return {name: jnp.maximum(n, 1).astype(jnp.float32) for name, n in counts.items()}
 
 
-def completion_logps(model, input_ids, attention_mask, loss_mask, scored_tokens=None,
-                     dropout_rng=None) -> tuple[jax.Array, jax.Array]:
-    """`(logps, valid)`, both `[B, K]`: log-probs of the tokens `loss_mask` scores.
+def completion_scores(model, input_ids, attention_mask, loss_mask, scored_tokens=None,
+                      dropout_rng=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`(logps, valid, mean_logits)`, all `[B, K]`: log-probs of the tokens `loss_mask` scores,
+    which entries are real, and the vocabulary mean of the logits that predict them (for the
+    `logits/*` metrics; under jit it costs nothing where unused).
 
     With `scored_tokens` (at least as many as any row scores) and fewer than the sequence
     length, the LM head runs only at the K = `scored_tokens` positions that predict them: a
@@ -76,17 +79,29 @@ def completion_logps(model, input_ids, attention_mask, loss_mask, scored_tokens=
     """
     if scored_tokens is None or scored_tokens >= input_ids.shape[1] - 1:
         logits = model(input_ids, attention_mask, dropout_rng=dropout_rng)
-        return losses.token_logprobs(logits, input_ids), losses.scored_mask(loss_mask)
+        mean_logits = jnp.pad(losses.vocab_mean_logits(logits[:, :-1]), ((0, 0), (1, 0)))
+        return (losses.token_logprobs(logits, input_ids), losses.scored_mask(loss_mask),
+                mean_logits)
     index, valid = losses.scored_token_index(loss_mask, scored_tokens)
     logits = model(input_ids, attention_mask, dropout_rng=dropout_rng, logits_at=index - 1)
-    return losses.picked_logprobs(logits, jnp.take_along_axis(input_ids, index, 1)), valid
+    return (losses.picked_logprobs(logits, jnp.take_along_axis(input_ids, index, 1)), valid,
+            losses.vocab_mean_logits(logits))
+
+
+def completion_logps(model, input_ids, attention_mask, loss_mask, scored_tokens=None,
+                     dropout_rng=None) -> tuple[jax.Array, jax.Array]:
+    """`(logps, valid)` of `completion_scores`."""
+    return completion_scores(model, input_ids, attention_mask, loss_mask, scored_tokens,
+                             dropout_rng)[:2]
 
 
 def pair_completion_logps(model, batch: dict, scored_tokens=None):
     """Token log-probs `[2B, K]` of the chosen then rejected rows (one forward for both), their
-    mask, and the summed completion log-probs `(chosen [B], rejected [B])`."""
-    logps, valid = completion_logps(model, *_concat_pairs(batch), scored_tokens)
-    return logps, valid, losses.split_chosen_rejected(losses.sequence_sums(logps, valid))
+    mask, the summed completion log-probs `(chosen [B], rejected [B])`, and the vocabulary mean
+    logits `[2B, K]` at the scored positions."""
+    logps, valid, mean_logits = completion_scores(model, *_concat_pairs(batch), scored_tokens)
+    return (logps, valid, losses.split_chosen_rejected(losses.sequence_sums(logps, valid)),
+            mean_logits)
 
 
 def reference_logps(graphdef, trainable, frozen, ref, batch, dpo: DPOSettings,
@@ -115,23 +130,33 @@ def sft_loss(trainable, frozen, ref, batch, rng, norm, *, graphdef, dpo=None,
 
 def dpo_loss(trainable, frozen, ref, batch, rng, norm, *, graphdef, dpo: DPOSettings,
              scored_tokens=None):
-    """DPO loss of the global batch contributed by this micro-batch; metrics as TRL names them."""
+    """DPO loss of the global batch contributed by this micro-batch; metrics as TRL names them:
+    the `losses.dpo_loss` ones per pair, `logits/chosen` and `logits/rejected` per completion
+    token of their half (`losses.completion_logit_sums`), each over the whole global batch."""
     del rng  # DPO runs without dropout, so policy and reference see the same network
     ref_chosen, ref_rejected = reference_logps(graphdef, trainable, frozen, ref, batch, dpo,
                                                scored_tokens)
     model = nnx.merge(graphdef, trainable, frozen)
-    logps, valid, (chosen, rejected) = pair_completion_logps(model, batch, scored_tokens)
+    logps, valid, (chosen, rejected), mean_logits = pair_completion_logps(model, batch,
+                                                                          scored_tokens)
+    chosen_tokens, rejected_tokens = losses.split_chosen_rejected(valid.sum(-1))
     loss_sum, _, metric_sums = losses.dpo_loss(
         chosen, rejected, ref_chosen, ref_rejected, beta=dpo.beta, loss_type=dpo.loss_type,
-        label_smoothing=dpo.label_smoothing)
+        label_smoothing=dpo.label_smoothing, chosen_tokens=chosen_tokens,
+        rejected_tokens=rejected_tokens)
     loss = loss_sum / norm["pairs"]
     metrics = {name: value / norm["pairs"] for name, value in metric_sums.items()}
+    logit_sums = losses.completion_logit_sums(mean_logits, valid)
+    metrics["logits/chosen"] = logit_sums["logits/chosen"] / norm["chosen_tokens"]
+    metrics["logits/rejected"] = logit_sums["logits/rejected"] / norm["rejected_tokens"]
     metrics["dpo_loss"] = loss
     if dpo.sft_weight:
         nll_sum, _ = losses.dpo_sft_term(logps, valid)
         metrics["sft_loss"] = nll_sum / norm["chosen_tokens"]
         loss = loss + dpo.sft_weight * metrics["sft_loss"]
     metrics["loss"] = loss
+    # Non-padding tokens, prompts included, of chosen and rejected rows: the amount TRL adds
+    # to its running `num_tokens` each step.
     tokens = batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum()
     metrics["tokens"] = tokens.astype(jnp.float32)
     return loss, metrics

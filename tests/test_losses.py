@@ -30,19 +30,21 @@ def _log_sigmoid(x):
 
 
 # Per-pair loss and its derivative in z = (pc - pr) - (rc - rr), written out by hand.
+# (ipo divides by completion lengths, so it has its own test below.)
 def _reference(loss_type, z, b, ls):
     if loss_type == "sigmoid":
+        loss = -_log_sigmoid(b * z)
+        dz = -b * _sigmoid(-b * z)
+    elif loss_type == "cdpo":  # the smoothed sigmoid, which loss_type sigmoid was before
         loss = -_log_sigmoid(b * z) * (1 - ls) - _log_sigmoid(-b * z) * ls
         dz = -b * (1 - ls) * _sigmoid(-b * z) + b * ls * _sigmoid(b * z)
     elif loss_type == "robust":
         loss = (-_log_sigmoid(b * z) * (1 - ls) + _log_sigmoid(-b * z) * ls) / (1 - 2 * ls)
         dz = -b * ((1 - ls) * _sigmoid(-b * z) + ls * _sigmoid(b * z)) / (1 - 2 * ls)
-    elif loss_type == "hinge":
+    else:
+        assert loss_type == "hinge"
         loss = np.maximum(0.0, 1 - b * z)
         dz = np.where(1 - b * z > 0, -b, 0.0)
-    else:
-        loss = (z - 1 / (2 * b)) ** 2
-        dz = 2 * (z - 1 / (2 * b))
     return loss, dz
 
 
@@ -52,10 +54,12 @@ def _logps():
     return [(-rng.uniform(5, 40, size=8)).astype(np.float32) for _ in range(4)]
 
 
+# The smoothed cases that were ("sigmoid", 0.1), ("sigmoid", 0.4) are cdpo now, and ipo (TRL's
+# length-normalised definition now) has test_ipo_is_trls_length_normalised_loss.
 @pytest.mark.parametrize("loss_type,ls", [
-    ("sigmoid", 0.0), ("sigmoid", 0.1), ("sigmoid", 0.4),
+    ("sigmoid", 0.0), ("cdpo", 0.0), ("cdpo", 0.1), ("cdpo", 0.4),
     ("robust", 0.0), ("robust", 0.2), ("robust", 0.45),
-    ("hinge", 0.0), ("ipo", 0.0),
+    ("hinge", 0.0),
 ])
 def test_dpo_loss_and_grads_match_formula(loss_type, ls):
     pc, pr, rc, rr = _logps()
@@ -72,6 +76,76 @@ def test_dpo_loss_and_grads_match_formula(loss_type, ls):
         np.testing.assert_allclose(g, sign * dz, rtol=1e-5, atol=1e-6)
     if loss_type == "hinge":
         assert 0 < (1 - BETA * z > 0).sum() < len(z)
+
+
+def _trl_ipo(pc, pr, rc, rr, n_chosen, n_rejected, beta):
+    """TRL 1.16 `DPOTrainer._compute_loss`, loss_type "ipo", transcribed: each sequence's
+    log-ratio to the reference over its completion-token count (clamped to 1), then
+    `(delta - 1/(2*beta))**2`, averaged over the pairs."""
+    chosen_avg_score = (pc - rc) / np.maximum(n_chosen, 1.0)
+    rejected_avg_score = (pr - rr) / np.maximum(n_rejected, 1.0)
+    ipo_delta = chosen_avg_score - rejected_avg_score
+    return ((ipo_delta - 1 / (2 * beta)) ** 2).mean()
+
+
+def test_ipo_is_trls_length_normalised_loss():
+    # Hand-made: completions of 4, 1, 10 and 0 tokens (an empty one counts as 1, as in TRL).
+    pc = np.array([-12.0, -3.5, -40.0, 0.0], np.float32)
+    pr = np.array([-9.0, -6.0, -20.0, -2.0], np.float32)
+    rc = np.array([-13.0, -3.0, -38.0, 0.0], np.float32)
+    rr = np.array([-8.0, -7.5, -25.0, -1.0], np.float32)
+    nc = np.array([4, 1, 10, 0], np.int32)
+    nr = np.array([3, 2, 5, 1], np.int32)
+    f64 = [x.astype(np.float64) for x in (pc, pr, rc, rr, nc, nr)]
+    for beta in (0.1, 0.2, 1.0):
+        loss, pairs, _ = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type="ipo",
+                                  chosen_tokens=nc, rejected_tokens=nr)
+        np.testing.assert_allclose(loss / pairs, _trl_ipo(*f64, beta), rtol=1e-6)
+        # Summed log-ratios (what ipo was before) give a different loss on these lengths.
+        assert abs(_trl_ipo(*f64[:4], 1, 1, beta) - float(loss / pairs)) > 0.1
+
+    # Gradients of the transcription (by hand: d/d delta = 2 (delta - 1/(2 beta)), then the
+    # counts), and the same numbers from the jitted loss on random log-probs.
+    pc, pr, rc, rr = _logps()
+    rng = np.random.default_rng(1)
+    nc, nr = rng.integers(1, 30, size=(2, len(pc)))
+    delta = (pc - rc) / nc.astype(np.float64) - (pr - rr) / nr
+    dd = 2 * (delta - 1 / (2 * BETA))
+    step = jax.jit(lambda *x: dpo_loss(*x, beta=BETA, loss_type="ipo", chosen_tokens=nc,
+                                       rejected_tokens=nr)[0])
+    np.testing.assert_allclose(step(pc, pr, rc, rr), len(pc) * _trl_ipo(
+        pc, pr, rc, rr, nc, nr, BETA), rtol=1e-5)
+    grads = jax.grad(step, argnums=(0, 1, 2, 3))(pc, pr, rc, rr)
+    for g, want in zip(grads, (dd / nc, -dd / nr, -dd / nc, dd / nr)):
+        np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-7)
+
+    # Rewards and log-prob metrics stay on the summed log-probs, as TRL logs them.
+    m = dpo_loss(pc, pr, rc, rr, beta=BETA, loss_type="ipo", chosen_tokens=nc,
+                 rejected_tokens=nr)[2]
+    np.testing.assert_allclose(m["rewards/chosen"], BETA * (pc - rc).sum(), rtol=1e-5)
+    np.testing.assert_allclose(m["logps/rejected"], pr.sum(), rtol=1e-6)
+
+
+def test_ipo_without_token_counts_is_an_error():
+    x = jnp.zeros(2)
+    with pytest.raises(ValueError, match="chosen_tokens and rejected_tokens"):
+        dpo_loss(x, x, x, x, beta=BETA, loss_type="ipo")
+
+
+def test_cdpo_is_the_smoothed_sigmoid_and_sigmoid_refuses_label_smoothing():
+    """cdpo is conservative DPO, the label-smoothed sigmoid (what loss_type sigmoid computed
+    with label_smoothing > 0 before); at label_smoothing 0 it is sigmoid."""
+    pc, pr, rc, rr = _logps()
+    z = (pc.astype(np.float64) - pr) - (rc - rr)
+    for ls in (0.1, 0.3):
+        smoothed = -_log_sigmoid(BETA * z) * (1 - ls) - _log_sigmoid(-BETA * z) * ls
+        got = dpo_loss(pc, pr, rc, rr, beta=BETA, loss_type="cdpo", label_smoothing=ls)[0]
+        np.testing.assert_allclose(got, smoothed.sum(), rtol=1e-5)
+    np.testing.assert_allclose(dpo_loss(pc, pr, rc, rr, beta=BETA, loss_type="cdpo")[0],
+                               dpo_loss(pc, pr, rc, rr, beta=BETA)[0], rtol=1e-6)
+    with pytest.raises(UserError, match="loss_type=cdpo") as info:
+        dpo_loss(pc, pr, rc, rr, beta=BETA, loss_type="sigmoid", label_smoothing=0.1)
+    assert "\n" not in str(info.value)
 
 
 def test_sigmoid_with_reference_equal_to_policy_is_log2_and_zero_rewards():
@@ -238,6 +312,7 @@ def test_dpo_loss_jit():
     (dict(loss_type="robust", label_smoothing=0.5), r"\[0, 0.5\)"),
     (dict(loss_type="hinge", label_smoothing=0.1), "applies only"),
     (dict(loss_type="ipo", label_smoothing=0.1), "applies only"),
+    (dict(label_smoothing=0.1), "TRL's sigmoid takes no label_smoothing; use loss_type=cdpo"),
     (dict(beta=0.0), "beta"),
 ])
 def test_bad_dpo_options_raise_user_error(kwargs, match):
@@ -245,3 +320,77 @@ def test_bad_dpo_options_raise_user_error(kwargs, match):
     kwargs = {"beta": BETA, **kwargs}
     with pytest.raises(UserError, match=match):
         dpo_loss(x, x, x, x, **kwargs)
+
+
+# ---- the DPO step's metrics on a tiny GPT-2 -------------------------------------------------
+
+def _tiny_dpo_setup(accum=2, rows=4, length=12, vocab=61):
+    from jaxsftdpo import lora
+    from jaxsftdpo.models import gpt2
+    model = gpt2.build(gpt2.GPT2Config(vocab_size=vocab, n_positions=length, n_embd=16,
+                                       n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0))
+    graphdef, trainable, frozen = lora.split_trainable(model, "fft")
+    rng = np.random.default_rng(3)
+    batch = {}
+    for name in ("chosen", "rejected"):
+        ids = rng.integers(0, vocab, (accum, rows, length), dtype=np.int32)
+        lengths = rng.integers(5, length + 1, (accum, rows))
+        prompt = rng.integers(1, 4, (accum, rows))
+        pos = np.arange(length)
+        attention = pos < lengths[..., None]
+        batch.update({f"{name}_input_ids": ids, f"{name}_attention_mask": attention,
+                      f"{name}_loss_mask": attention & (pos >= prompt[..., None])})
+    return model, graphdef, trainable, frozen, batch
+
+
+def _direct_scores(model, batch, name):
+    """Per row, from the model's full `[rows, T, V]` logits in numpy: the summed completion
+    log-prob, the completion-token count, and the sum over completion tokens of the vocabulary
+    mean of the logit that predicts each one."""
+    ids = batch[f"{name}_input_ids"].reshape(-1, batch[f"{name}_input_ids"].shape[-1])
+    attention = batch[f"{name}_attention_mask"].reshape(ids.shape)
+    scored = batch[f"{name}_loss_mask"].reshape(ids.shape).copy()
+    scored[:, 0] = False
+    logits = np.asarray(model(jnp.asarray(ids), jnp.asarray(attention)), np.float64)
+    logps = _np_token_logprobs(logits, ids)
+    predicting = np.zeros_like(scored)  # the logit at t - 1 predicts token t
+    predicting[:, :-1] = scored[:, 1:]
+    return ((logps * scored).sum(-1), scored.sum(-1),
+            (logits.mean(-1) * predicting).sum(-1))
+
+
+@pytest.mark.parametrize("scored_only", [False, True])
+def test_dpo_step_logs_trls_logit_means_and_length_normalised_ipo(scored_only):
+    """Through the train step (two micro-batches, the LM head on every position or only where
+    tokens are scored): `logits/chosen`, `logits/rejected` are TRL's mean over completion
+    tokens of the vocabulary-mean logit; `tokens` counts every non-padding token of chosen and
+    rejected rows (TRL's per-step `num_tokens` increment); ipo gets each row's own completion
+    length."""
+    from jaxsftdpo import steps
+    from jaxsftdpo.config import stage
+    model, graphdef, trainable, frozen, batch = _tiny_dpo_setup()
+    most = max(int(batch[f"{n}_loss_mask"][..., 1:].sum(-1).max()) for n in ("chosen", "rejected"))
+    assert most < batch["chosen_input_ids"].shape[-1] - 1
+    scored_tokens = most if scored_only else None
+    beta = 0.2
+    dpo = steps.DPOSettings(beta=beta, loss_type="ipo", label_smoothing=0.0, sft_weight=0.0,
+                            reference="none")
+    tx, _ = steps.make_optimizer(stage("dpo", steps=1, learning_rate=0.0), 1)
+    trainable = jax.tree.map(jnp.copy, trainable)  # the step donates it; `model` keeps its own
+    state = steps.TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
+    step = steps.make_train_step("dpo", graphdef, tx, dpo, scored_tokens=scored_tokens)
+    _, metrics = step(state, frozen, None, jax.tree.map(jnp.asarray, batch), None)
+
+    chosen, n_chosen, chosen_logits = _direct_scores(model, batch, "chosen")
+    rejected, n_rejected, rejected_logits = _direct_scores(model, batch, "rejected")
+    np.testing.assert_allclose(metrics["logits/chosen"], chosen_logits.sum() / n_chosen.sum(),
+                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(metrics["logits/rejected"],
+                               rejected_logits.sum() / n_rejected.sum(), rtol=1e-5, atol=1e-7)
+    assert metrics["logits/chosen"] != metrics["logits/rejected"]
+    assert metrics["tokens"] == (batch["chosen_attention_mask"].sum()
+                                 + batch["rejected_attention_mask"].sum())
+    zero = np.zeros_like(chosen)  # reference "none": log-probs 0
+    np.testing.assert_allclose(metrics["loss"], _trl_ipo(chosen, rejected, zero, zero,
+                                                         n_chosen, n_rejected, beta), rtol=1e-5)
+    np.testing.assert_allclose(metrics["logps/chosen"], chosen.mean(), rtol=1e-5)
