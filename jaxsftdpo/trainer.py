@@ -4,8 +4,11 @@
 batch sizes) before it writes a file, takes the workdir's lock (`jaxsftdpo.lock`), then runs the
 stages in order. A workdir that already holds checkpoints of the same config is resumed from the
 newest one that restores, mid-epoch if need be: the data order is a function of (seed, stage,
-epoch) and the checkpoint stores the position. A step whose loss or gradient norm is not finite
-(or whose loss passes `config.max_loss`) ends the run before anything of it is saved.
+epoch) and the checkpoint stores the position; the run's first line says where it goes on
+(`resuming DIR from step N (stage k: dpo, epoch e)`). A workdir whose run finished (its
+results.json written) is left as it is, with one line saying so. A step whose loss or gradient
+norm is not finite (or whose loss passes `config.max_loss`) ends the run before anything of it
+is saved.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from jaxsftdpo.data import batching
 from jaxsftdpo.data.tokenizer import load_tokenizer
 from jaxsftdpo.errors import Diverged, Stopped, UserError
 from jaxsftdpo.reporting import MetricsWriter, plot_losses, results_table, write_atomically
-from jaxsftdpo.runs import DIVERGED_FILE
+from jaxsftdpo.runs import DIVERGED_FILE, RESULTS_FILE
 from jaxsftdpo.models import FAMILIES, from_pretrained
 from jaxsftdpo.policy import Policy
 from jaxsftdpo.tasks import make_task
@@ -194,8 +197,9 @@ def _policy_pairs(run: Run, stage_idx: int, workdir: Path) -> list:
     tokenized = batching.tokenize_preferences(pairs, run.tokenizer, run.max_length,
                                               strict=False, append_eos=run.task.APPEND_EOS)
     if tokenized.truncated or tokenized.dropped:
-        print(f"dpo pairs: {tokenized.truncated} had their prompt cut from the left, "
-              f"{tokenized.dropped} were dropped (longer than max_length={run.max_length})")
+        run.data_notes.append(f"dpo pairs: {tokenized.truncated} had their prompt cut from the "
+                              f"left, {tokenized.dropped} were dropped (longer than "
+                              f"max_length={run.max_length})")
     _check_enough(tokenized.items, run.config.stages[stage_idx], where)
     return tokenized.items
 
@@ -256,13 +260,17 @@ def _train(run: Run, workdir: Path, stop_after_steps: int) -> dict:
     config = run.config
     manager = ckpt.Manager(workdir / "checkpoints", keep=config.keep_checkpoints, writer=True)
     resume, first_stage = _resume(run, manager, workdir)
+    finished = _finished_results(run, workdir, resume)
+    if finished is not None:
+        return finished
+    if resume and jax.process_index() == 0:
+        print(_resuming(run, workdir, resume.meta, first_stage))
     if jax.process_index() == 0:  # files once; Orbax checkpoints are saved by every process
         write_atomically(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
         run.tokenizer.save(str(workdir / "tokenizer"))
         _drop_replayed_rows(workdir / "metrics.jsonl", resume.step if resume else 0)
     writer = MetricsWriter(workdir, is_main=jax.process_index() == 0)
-    for note in run.data_notes:
-        print(note)
+    _print_notes(run)
 
     meta = resume.meta if resume else {"stage": 0, "stage_step": 0, "global_step": 0,
                                        "evals": []}
@@ -277,6 +285,7 @@ def _train(run: Run, workdir: Path, stop_after_steps: int) -> dict:
                 stage_state = (first_stage if first_stage is not None
                                else _stage_start(run, stage_idx, workdir))
                 first_stage = None
+                _print_notes(run)
                 done = _run_stage(run, stage_idx, stage_state, meta, manager, writer, stop,
                                   stop_after_steps - steps_this_call if stop_after_steps else 0)
                 steps_this_call += done
@@ -308,13 +317,58 @@ def _train(run: Run, workdir: Path, stop_after_steps: int) -> dict:
         if final is None:  # resumed after the last stage had finished
             final = _evaluate(run, run.trainable)
         run.task.write_predictions(final, workdir)
-        (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_atomically(workdir / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
         table = results_table(meta["evals"])
         (workdir / "results.md").write_text(table + "\n")
         print(table)
         plot_losses(workdir / "metrics.jsonl", workdir / "loss_curve.png")
     writer.close()
     return results
+
+
+def _print_notes(run: Run) -> None:
+    """Print the data notes not printed yet (a resumed run prints them after saying so)."""
+    for note in run.data_notes:
+        print(note)
+    run.data_notes.clear()
+
+
+def _finished_results(run: Run, workdir: Path, resume) -> dict | None:
+    """The results of a run that had finished (its results.json written after the last stage),
+    after one line saying so; None when training or the final evaluation is left to do."""
+    results = _read_results(workdir / RESULTS_FILE)
+    finished = results is not None and (resume is None
+                                        or resume.meta["stage"] == len(run.config.stages))
+    if jax.process_count() > 1:  # process 0 decides: the others may not see its files
+        from jax.experimental import multihost_utils
+        finished = bool(multihost_utils.broadcast_one_to_all(np.int32(finished)))
+    if not finished:
+        return None
+    if jax.process_index() == 0:
+        print(f"{workdir} is finished (step {results.get('global_step')}): nothing to train or "
+              f"evaluate, nothing written; its results are in {workdir / RESULTS_FILE}; use a "
+              f"new --workdir to train again")
+    return results or {}
+
+
+def _read_results(path: Path) -> dict | None:
+    """A run's results.json, or None when there is none (or it cannot be read)."""
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return results if isinstance(results, dict) else None
+
+
+def _resuming(run: Run, workdir: Path, meta: dict, stage: _Stage | None) -> str:
+    """`resuming WORKDIR from step N (stage k: KIND, epoch e)`: where a resumed run goes on."""
+    stages = run.config.stages
+    if meta["stage"] >= len(stages):
+        where = f"stage {len(stages)}: {stages[-1].kind} done; the final evaluation"
+    else:
+        epoch = meta["stage_step"] // stage.steps_per_epoch + 1 if stage is not None else 1
+        where = f"stage {meta['stage'] + 1}: {stages[meta['stage']].kind}, epoch {epoch}"
+    return f"resuming {workdir} from step {meta['global_step']} ({where})"
 
 
 def _check_workdir(workdir: Path, config):

@@ -26,7 +26,7 @@ from jaxsftdpo.data.tokenizer import ByteTokenizer
 from jaxsftdpo.errors import Diverged, Stopped, UserError
 from jaxsftdpo.evaluate import evaluate_workdir
 from jaxsftdpo.export import export_run
-from test_train import tiny_config
+from testing import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -265,6 +265,46 @@ def test_no_checkpoint_that_restores_is_one_line(tmp_path, capsys):
     status, line = cli_exit(capsys, lambda: trainer.train_and_evaluate(config, tmp_path))
     assert status == 2 and "checkpoint 2 in" in line and "no other checkpoint does" in line
     assert runs.checkpoint_steps(tmp_path) == [2]  # nothing set aside, nothing started over
+
+
+# ---- reruns -------------------------------------------------------------------------------------
+
+def test_a_rerun_says_where_it_resumes(tmp_path, capsys):
+    config = small(6, 2)  # 4 SFT steps an epoch
+    capsys.readouterr()
+    trainer.train_and_evaluate(config, tmp_path, stop_after_steps=5)  # checkpoints 2, 4, 5
+    assert "resuming" not in capsys.readouterr().out
+    for budget, where in ((2, "step 5 (stage 1: sft, epoch 2)"),  # on to 6, the hand-off, 7
+                          (0, "step 7 (stage 2: dpo, epoch 1)")):
+        trainer.train_and_evaluate(config, tmp_path, stop_after_steps=budget)
+        assert capsys.readouterr().out.splitlines()[0] == f"resuming {tmp_path} from {where}"
+
+
+def snapshot(directory):
+    """`{path: (mtime, bytes)}` of everything below `directory`."""
+    return {str(p.relative_to(directory)): (p.stat().st_mtime_ns, p.is_file() and p.read_bytes())
+            for p in sorted(Path(directory).rglob("*"))}
+
+
+def test_a_rerun_of_a_finished_run_says_so_and_changes_nothing(tmp_path, capsys, monkeypatch):
+    config = small(2)
+    results = trainer.train_and_evaluate(config, tmp_path)
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    with monkeypatch.context() as patched:
+        patched.setattr(trainer, "_evaluate", lambda *args: pytest.fail("it evaluated"))
+        assert trainer.train_and_evaluate(config, tmp_path) == results
+    assert capsys.readouterr().out.splitlines() == [
+        f"{tmp_path} is finished (step 2): nothing to train or evaluate, nothing written; its "
+        f"results are in {tmp_path / 'results.json'}; use a new --workdir to train again"]
+    assert snapshot(tmp_path) == before
+    # Without its results.json (a kill before it was written) the run is not finished: the
+    # rerun resumes after the last stage and does the final evaluation.
+    (tmp_path / "results.json").unlink()
+    assert trainer.train_and_evaluate(config, tmp_path) == results
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"resuming {tmp_path} from step 2 (stage 1: sft done; the final evaluation)")
+    assert json.loads((tmp_path / "results.json").read_text()) == results
 
 
 # ---- storage ------------------------------------------------------------------------------------
