@@ -17,6 +17,7 @@ does not fit the model is a `UserError`: an older one would not fit either. A sa
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -32,13 +33,33 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxsftdpo.errors import StorageError, UserError, first_line
-from jaxsftdpo.steps import TrainState
 
 UNREADABLE_DIR = "unreadable_checkpoints"  # beside checkpoints/: those a resumed run set aside
 
 
 class Unreadable(Exception):
     """A checkpoint whose files cannot be read back; the message says what failed."""
+
+
+@dataclasses.dataclass
+class Position:
+    """Where a run stands, saved with each of its checkpoints: the stage it is in (the number
+    of stages once the last is done), the optimizer steps taken in that stage and in all, the
+    tokens trained on (TRL's `num_tokens`), and the evaluations so far."""
+
+    stage: int = 0
+    stage_step: int = 0
+    global_step: int = 0
+    num_tokens: int = 0
+    evals: list = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def from_json(cls, meta) -> Position:
+        """The position a checkpoint's meta holds (keys added since it was written default)."""
+        if not isinstance(meta, dict) or "global_step" not in meta:
+            raise Unreadable("meta: not a run's position")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in meta.items() if k in names})
 
 
 def _abstract(tree):
@@ -50,12 +71,13 @@ def _abstract(tree):
 
 
 class Resume:
-    """One checkpoint of a workdir (its meta read), restored on demand into given targets."""
+    """One checkpoint of a workdir (its position read), restored on demand into given
+    targets."""
 
     FIX = "use a new --workdir, or the model this run was trained with"
 
-    def __init__(self, manager: ocp.CheckpointManager, step: int, meta: dict):
-        self.manager, self.step, self.meta = manager, step, meta
+    def __init__(self, manager: ocp.CheckpointManager, step: int, position: Position):
+        self.manager, self.step, self.position = manager, step, position
 
     def _misfit(self, detail: str, fix: str) -> UserError:
         return UserError(f"checkpoint {self.step} in {self.manager.directory} does not fit the "
@@ -90,15 +112,16 @@ class Resume:
                 raise self._misfit(wrong[0], fix)
         return self._restore(params=trainable).params
 
-    def stage_state(self, state: TrainState, reference):
-        """The optimizer state, step and reference of a checkpoint taken mid-stage."""
+    def stage_state(self, state, reference):
+        """The optimizer state, step and reference of a checkpoint taken mid-stage, into the
+        shapes and shardings of `state` (a `steps.TrainState`) and `reference`."""
         targets = {"params": state.trainable,
                    "optimizer": {"step": state.step, "opt_state": state.opt_state}}
         if reference is not None:
             targets["reference"] = reference
         restored = self._restore(**targets)
-        state = TrainState(restored.optimizer["step"], restored.params,
-                           restored.optimizer["opt_state"])
+        state = state._replace(step=restored.optimizer["step"], trainable=restored.params,
+                               opt_state=restored.optimizer["opt_state"])
         return state, (restored.reference if reference is not None else None)
 
 
@@ -210,9 +233,7 @@ class Manager:
                     meta=ocp.args.JsonRestore())).meta
         except Exception as e:  # noqa: BLE001 - a missing or cut JSON file, ...
             raise Unreadable(f"meta: {_reason(e)}") from e
-        if not isinstance(meta, dict) or "global_step" not in meta:
-            raise Unreadable("meta: not a run's position")
-        return Resume(self.manager, step, meta)
+        return Resume(self.manager, step, Position.from_json(meta))
 
     def latest(self) -> Resume | None:
         steps = self.steps()
@@ -231,11 +252,14 @@ class Manager:
             os.replace(self.directory / str(step), target)
         self.close()  # orbax caches the steps it has seen
 
-    def save(self, step: int, state: TrainState, reference, meta: dict) -> None:
+    def save(self, step: int, state, reference, position: Position) -> None:
+        """Save `state` (a `steps.TrainState`), the stage's `reference` (None, or what the
+        trainer keeps of it) and the run's `position` as checkpoint `step`."""
+        meta = json.loads(json.dumps(dataclasses.asdict(position)))
         items = {"params": ocp.args.StandardSave(state.trainable),
                  "optimizer": ocp.args.StandardSave({"step": state.step,
                                                      "opt_state": state.opt_state}),
-                 "meta": ocp.args.JsonSave(json.loads(json.dumps(meta)))}
+                 "meta": ocp.args.JsonSave(meta)}
         if reference is not None:
             items["reference"] = ocp.args.StandardSave(reference)
         try:  # the save also waits for the previous one, whose error surfaces here

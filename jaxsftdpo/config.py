@@ -12,6 +12,7 @@ import re
 import ml_collections as mlc
 
 from jaxsftdpo.errors import UserError
+from jaxsftdpo.losses import check_dpo_options
 
 STAGE_KINDS = ("sft", "dpo")
 PARAMS = ("fft", "lora")
@@ -163,7 +164,6 @@ def validate(c: mlc.ConfigDict) -> None:
              f"config.mesh.tensor=1, or use parallel.mode=jit to shard parameters")
     need(c.model.name_or_path or c.model.init.get("model_type"),
          "set config.model.name_or_path, or config.model.init for a model built from scratch")
-    from jaxsftdpo.losses import check_dpo_options
     if any(s.kind == "dpo" for s in c.stages):
         check_dpo_options(c.dpo.loss_type, beta=c.dpo.beta, label_smoothing=c.dpo.label_smoothing)
 

@@ -12,8 +12,9 @@ under TRL's names (`rewards/chosen`, `rewards/rejected`, `rewards/margins`,
 `rewards/accuracies`, `logps/chosen`, `logps/rejected`) and `dpo_loss`, with the run's
 `dpo.beta` and `dpo.loss_type`.
 
-The DPO reference is the model before any training: the config's model (`model.name_or_path`,
-or `model.init` built with `model.init_seed`), for LoRA the base without adapters. That is the
+The DPO reference is the run's `dpo.reference_path` model when it had one, else the model before
+any training: the config's model (`model.name_or_path`, or `model.init` built with
+`model.init_seed`), for LoRA the base without adapters. That is the
 reference of a DPO-only run; a staged SFT->DPO run trained against the policy at the hand-off
 instead, so its rewards here measure the whole change from the base. With `--model`, the
 reference is the config's model too, or `--reference PATH_OR_ID`; `--reference none` skips
@@ -25,11 +26,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax.numpy as jnp
+from absl import flags
 
+from jaxsftdpo import losses, runs
+from jaxsftdpo.cli import config_flag, run_cli
+from jaxsftdpo.data import batching
 from jaxsftdpo.errors import UserError
 from jaxsftdpo.reporting import write_atomically
-
-RESULTS_FILE = "results.json"
+from jaxsftdpo.runs import RESULTS_FILE
 
 
 # ---- held-out preference pairs and their DPO metrics ----------------------------------------
@@ -43,11 +48,6 @@ def held_out_pairs(task) -> list[dict]:
 def dpo_metrics(policy, reference, pairs: list[dict], dpo_config, batch_size: int,
                 append_eos: bool = True) -> dict:
     """Mean DPO metrics of `policy` against `reference` (both `Policy`s) over `pairs`."""
-    import jax.numpy as jnp
-
-    from jaxsftdpo import losses
-    from jaxsftdpo.data import batching
-
     tokenized = batching.tokenize_preferences(pairs, policy.tokenizer, policy.max_length,
                                               strict=False, append_eos=append_eos)
     items = tokenized.items
@@ -55,10 +55,13 @@ def dpo_metrics(policy, reference, pairs: list[dict], dpo_config, batch_size: in
         return {}
     logps = (*policy.sequence_logps(items, batch_size),
              *reference.sequence_logps(items, batch_size))
+    counts = {f"{side}_tokens": jnp.asarray([batching.completion_tokens(getattr(pair, side))
+                                              for pair in items])
+              for side in ("chosen", "rejected")}
     loss_sum, count, sums = losses.dpo_loss(
         *(jnp.asarray(x) for x in logps),
         beta=dpo_config.beta, loss_type=dpo_config.loss_type,
-        label_smoothing=dpo_config.label_smoothing)
+        label_smoothing=dpo_config.label_smoothing, **counts)
     out = {name: float(value) / float(count) for name, value in sums.items()}
     out["dpo_loss"] = float(loss_sum) / float(count)
     out["dpo_pairs"] = len(items)
@@ -78,26 +81,12 @@ def _evaluate(config, task, policy, reference) -> tuple[dict, object]:
     return results, evaluation
 
 
-def _write(results: dict, evaluation, task, out: Path) -> None:
+def _write(results: dict, evaluation, task, out: Path, policy, batch_size: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    task.write_predictions(evaluation, out)
+    task.write_predictions(evaluation, out, policy, batch_size)
     write_atomically(out / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
     print(f"wrote {out / RESULTS_FILE}")
-
-
-def _policy(graphdef, trainable, frozen, tokenizer, mesh, max_length):
-    from jaxsftdpo.policy import Policy
-    return Policy(graphdef, trainable, frozen, tokenizer, mesh, max_length)
-
-
-def _max_length(config, model_config) -> int:
-    limit = model_config.max_length
-    max_length = config.data.max_length or limit
-    if max_length > limit:
-        raise UserError(f"config.data.max_length={max_length} exceeds the model's {limit} "
-                        f"positions; lower it to at most {limit}")
-    return max_length
 
 
 # ---- entry points ---------------------------------------------------------------------------
@@ -105,25 +94,19 @@ def _max_length(config, model_config) -> int:
 def evaluate_workdir(workdir, *, step: int | None = None, out=None, devices=None) -> dict:
     """Scores of the run in `workdir` at checkpoint `step` (default: the newest), written to
     `out` (default `workdir/eval/step_N`)."""
-    from jaxsftdpo import runs
-
-    run = runs.load_run(workdir, step, devices=devices)
-    from jaxsftdpo.tasks import make_task
-    config = run.config
-    max_length = _max_length(config, run.model_config)
-    task = make_task(config.data, run.tokenizer, max_length, config.seed)
-    policy = _policy(run.graphdef, run.trainable, run.frozen, run.tokenizer, run.mesh,
-                     max_length)
-    reference = _policy(run.graphdef, run.initial, run.frozen, run.tokenizer, run.mesh,
-                        max_length)
-    results, evaluation = _evaluate(config, task, policy, reference)
+    run = runs.load_run(workdir, step, devices=devices, task=True, reference=True)
+    reference = run.reference_policy()
+    results, evaluation = _evaluate(run.config, run.task, run.policy(),
+                                    reference or run.policy(run.initial))
     results["source"] = {"workdir": str(run.workdir.absolute()), "step": run.step,
                          "finished": run.finished,
-                         "dpo_reference": "the model before training"}
+                         "dpo_reference": run.reference.source if reference
+                         else "the model before training"}
     if not run.finished:
         print(f"note: checkpoint {run.step} is mid-run; the run's stages are not all done")
-    _write(results, evaluation, task, Path(out) if out else
-           run.workdir / "eval" / f"step_{run.step}")
+    _write(results, evaluation, run.task, Path(out) if out else
+           run.workdir / "eval" / f"step_{run.step}", run.policy(),
+           run.config.data.eval_batch_size)
     return results
 
 
@@ -131,49 +114,34 @@ def evaluate_model(model: str, config, out, *, reference: str = "", devices=None
     """Scores of the Hugging Face model `model` (a directory or hub id), used as is, on the task
     of `config`; DPO reference: `reference`, or the config's own model when empty, none when
     `'none'`."""
-    from jaxsftdpo import sharding
-    from jaxsftdpo.config import validate
-    from jaxsftdpo.data.tokenizer import load_tokenizer
-    from jaxsftdpo.tasks import make_task
-    from jaxsftdpo.trainer import build_model
-
     if not out:
         raise UserError("--out is required with --model: the directory for results.json")
-    validate(config)
-    mesh = sharding.make_mesh(config.mesh, devices)
 
-    def build(name_or_path):
-        # The same config with this model, evaluated as is: no adapters, nothing to train.
+    def as_is(name_or_path):
+        # The config with this model, evaluated as is: no adapters, nothing to train.
         c = config.copy_and_resolve_references()
         with c.unlocked():
             c.model.name_or_path = name_or_path
             c.param.kind = "fft"
-        _, model_config, graphdef, trainable, frozen = build_model(c, mesh)
-        return model_config, graphdef, trainable, frozen
+            c.dpo.reference_path = ""
+        return c
 
-    model_config, graphdef, trainable, frozen = build(model)
-    tokenizer = load_tokenizer(config.model.tokenizer or model)
-    max_length = _max_length(config, model_config)
-    task = make_task(config.data, tokenizer, max_length, config.seed)
-    policy = _policy(graphdef, trainable, frozen, tokenizer, mesh, max_length)
+    run = runs.build_run(as_is(model), devices,
+                         tokenizer=runs.load_tokenizer(config.model.tokenizer or model))
     ref_policy, ref_name = None, None
     if reference != "none":
         ref_name = reference or config.model.name_or_path
-        _, ref_graphdef, ref_trainable, ref_frozen = build(ref_name)
-        ref_policy = _policy(ref_graphdef, ref_trainable, ref_frozen, tokenizer, mesh,
-                             max_length)
-    results, evaluation = _evaluate(config, task, policy, ref_policy)
+        ref_run = runs.build_run(as_is(ref_name), mesh=run.mesh, tokenizer=run.tokenizer,
+                                 task=False)
+        ref_policy = ref_run.policy()
+    results, evaluation = _evaluate(config, run.task, run.policy(), ref_policy)
     results["source"] = {"model": str(model), "dpo_reference":
                          None if ref_policy is None else (ref_name or "config.model.init")}
-    _write(results, evaluation, task, Path(out))
+    _write(results, evaluation, run.task, Path(out), run.policy(), config.data.eval_batch_size)
     return results
 
 
 def main() -> None:
-    from absl import flags
-
-    from jaxsftdpo.cli import config_flag, run_cli
-
     config = config_flag()
     flags.DEFINE_string("workdir", None, "a training run's --workdir to evaluate")
     flags.DEFINE_integer("step", None, "checkpoint step to evaluate (default: the newest)")

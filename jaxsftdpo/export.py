@@ -34,7 +34,15 @@ import shutil
 import uuid
 from pathlib import Path
 
+from absl import flags
+
+from jaxsftdpo import lora, peft_export, runs
+from jaxsftdpo.cli import run_cli
+from jaxsftdpo.data.tokenizer import load_tokenizer
 from jaxsftdpo.errors import UserError
+from jaxsftdpo.models import from_pretrained, load_config, save_pretrained
+from jaxsftdpo.models.gguf import GGUF_SUFFIX, gguf_file
+from jaxsftdpo.runs import TOKENIZER_DIR
 
 BASE_DIR = "base"
 
@@ -42,8 +50,6 @@ BASE_DIR = "base"
 def export_run(workdir, out, *, peft: bool = False, step: int | None = None,
                overwrite: bool = False, devices=None) -> Path:
     """Export the run in `workdir` to `out` (see the module doc); returns `out`."""
-    from jaxsftdpo import runs
-
     out = Path(out).absolute()
     workdir = runs.check_workdir(workdir)
     config = runs.read_config(workdir)
@@ -53,11 +59,9 @@ def export_run(workdir, out, *, peft: bool = False, step: int | None = None,
                         f"model")
     _check_out(out, overwrite)
     runs.pick_step(workdir, step)  # no checkpoint / unknown step fail before the model is built
-    from jaxsftdpo import lora, peft_export
-    from jaxsftdpo.models import save_pretrained
     run = runs.load_run(workdir, step, devices=devices)
     if not run.finished:
-        print(f"note: checkpoint {run.step} is mid-run (stage {run.meta.get('stage', 0) + 1} of "
+        print(f"note: checkpoint {run.step} is mid-run (stage {run.position.stage + 1} of "
               f"{len(config.stages)} not finished)")
 
     with _staged(out) as staging:
@@ -88,8 +92,6 @@ def export_model(model, out, *, overwrite: bool = False) -> Path:
     directory at `out` (see the module doc); returns `out`."""
     out = Path(out).absolute()
     _check_model_path(model)
-    from jaxsftdpo.data.tokenizer import load_tokenizer
-    from jaxsftdpo.models import from_pretrained, load_config, save_pretrained
     load_config(model)  # an unsupported architecture fails before any weight is read
     _check_out(out, overwrite)
     tokenizer = load_tokenizer(str(model))
@@ -103,7 +105,6 @@ def export_model(model, out, *, overwrite: bool = False) -> Path:
 
 def _check_model_path(model) -> None:
     """A local path that is not there (a hub id such as `gpt2` is left to `from_pretrained`)."""
-    from jaxsftdpo.models.gguf import GGUF_SUFFIX
     name = str(model)
     path = Path(name).expanduser()
     looks_local = (path.is_absolute() or name.startswith((".", "~"))
@@ -116,13 +117,11 @@ def _check_model_path(model) -> None:
 def _base_written_beside(name_or_path: str) -> bool:
     """Whether a PEFT export's base must be written to OUT/base: the run's model was built from
     scratch, or is a GGUF file, which transformers does not load by its path alone."""
-    from jaxsftdpo.models.gguf import gguf_file
     return not name_or_path or gguf_file(name_or_path) is not None
 
 
 def _write_base(run, directory: Path) -> None:
     """The model the run started from, without adapters, and the run's tokenizer."""
-    from jaxsftdpo.models import save_pretrained
     base_model = run.model(run.initial)
     _drop_adapters(base_model)
     save_pretrained(base_model, directory)
@@ -152,13 +151,11 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 
 def _drop_adapters(model) -> None:
-    from jaxsftdpo.lora import linear_modules
-    for linear in linear_modules(model).values():
+    for linear in lora.linear_modules(model).values():
         linear.lora = None
 
 
 def _write_tokenizer(run, directory: Path) -> None:
-    from jaxsftdpo.runs import TOKENIZER_DIR
     saved = run.workdir / TOKENIZER_DIR
     if saved.is_dir() and any(saved.iterdir()):
         shutil.copytree(saved, directory, dirs_exist_ok=True)
@@ -182,8 +179,6 @@ def _replace(staging: Path, out: Path) -> None:
 
 
 def main() -> None:
-    from absl import flags
-
     flags.DEFINE_string("workdir", None, "the training run's --workdir")
     flags.DEFINE_string("model", None, "instead of a run: a model to convert, e.g. a .gguf file "
                                        "(anything jaxsftdpo.models.from_pretrained reads)")
@@ -209,7 +204,6 @@ def main() -> None:
             raise UserError("--workdir or --model is required: the training run to export "
                             "(--workdir runs/quick) or a model to convert (--model model.gguf)")
 
-    from jaxsftdpo.cli import run_cli
     run_cli(export, required={"out": "where to write it, e.g. --out hf/quick"})
 
 

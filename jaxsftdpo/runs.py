@@ -1,15 +1,16 @@
-"""A training run rebuilt from its workdir, for `evaluate` and `export`.
+"""A run built from its config: the one place that turns a config into what train, evaluate and
+export work on.
 
-`load_run(workdir, step)` reads `workdir/config.json` (the resolved config the trainer wrote),
-builds that config's model on a mesh (`trainer.build_model`), and restores the trainable state of
-the named checkpoint, or of the newest one that restores, into it: the whole model for full
-fine-tuning, the LoRA adapters for LoRA (the frozen base comes back from the model source, as in
-training). It also keeps the trainable state as it was before training (`initial`: the starting
-weights, or for LoRA adapters with B = 0, i.e. the base model), which evaluation uses as the DPO
-reference.
+`build_run(config)` gives a `Run`: the mesh, the config's model placed on it and split into the
+trainable and the frozen part (LoRA adapters added for `param.kind == 'lora'`), the tokenizer,
+the maximum sequence length, the task and, with `dpo.reference_path`, the DPO reference model.
+Every problem a user can fix raises a `UserError` before anything is written.
 
-Every problem a user can fix (no such workdir, no checkpoint, unknown step, a checkpoint that
-does not fit the config) is a `UserError` raised before anything is written.
+`load_run(workdir, step)` builds the `Run` of the config a training run saved in its workdir
+(`config.json`) and restores a checkpoint's trainable state into it: the whole model for full
+fine-tuning, the adapters for LoRA (the frozen base comes back from the model source, as in
+training). `initial` keeps the trainable state before training (the starting weights; for LoRA
+adapters with B = 0, i.e. the base model).
 """
 
 from __future__ import annotations
@@ -19,12 +20,19 @@ import json
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import ml_collections as mlc
+from flax import nnx
 
+from jaxsftdpo import checkpoint as ckpt
+from jaxsftdpo import lora, sharding
+from jaxsftdpo.config import base_config, stage, validate
+from jaxsftdpo.data.tokenizer import load_tokenizer
 from jaxsftdpo.errors import UserError
-
-# jax, flax and the model code are imported where needed, so that a mistyped workdir or step
-# fails in a fraction of a second.
+from jaxsftdpo.models import FAMILIES, from_pretrained, load_config
+from jaxsftdpo.policy import Policy
+from jaxsftdpo.tasks import make_task
 
 CONFIG_FILE = "config.json"
 TOKENIZER_DIR = "tokenizer"
@@ -32,34 +40,212 @@ CHECKPOINT_DIR = "checkpoints"
 DIVERGED_FILE = "diverged.json"  # written by a run that diverged: step, stage, why
 RESULTS_FILE = "results.json"    # written last, by a run that finished
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
 
 @dataclasses.dataclass
-class LoadedRun:
-    workdir: Path
+class ReferenceModel:
+    """A DPO reference other than the policy at the hand-off (`dpo.reference_path`): another
+    model's whole state, placed on the run's mesh by its own family's rules."""
+
+    source: str
+    graphdef: nnx.GraphDef
+    params: nnx.State
+    rest: nnx.State           # its non-trainable variables (none for most models)
+
+    @property
+    def state(self) -> tuple:
+        return self.params, self.rest
+
+
+@dataclasses.dataclass
+class Run:
     config: mlc.ConfigDict
-    step: int                 # global step of the restored checkpoint
-    meta: dict                # the checkpoint's meta (stage, stage_step, evals so far)
     mesh: jax.sharding.Mesh
     family: object
     model_config: object
-    graphdef: object
-    trainable: nnx.State      # restored from the checkpoint
-    initial: nnx.State        # the same leaves before training (LoRA: B = 0, i.e. the base)
+    graphdef: nnx.GraphDef
+    trainable: nnx.State
     frozen: nnx.State
     tokenizer: object
+    max_length: int
+    initial: nnx.State | None       # the trainable state before training
+    task: object | None = None
+    reference: ReferenceModel | None = None
+    workdir: Path | None = None     # load_run: the workdir, checkpoint step and position
+    step: int | None = None
+    position: ckpt.Position | None = None
+
+    @property
+    def rules(self):
+        return self.family.PARTITION_RULES
 
     @property
     def finished(self) -> bool:
-        return self.meta.get("stage", 0) >= len(self.config.stages)
+        """Whether the restored checkpoint is after the last stage."""
+        return self.position is not None and self.position.stage >= len(self.config.stages)
 
-    def model(self, trainable=None):
-        """The model with `trainable` (default: the restored state) merged with the frozen part."""
-        from flax import nnx
+    def model(self, trainable=None) -> nnx.Module:
+        """The model with `trainable` (default: the current state) merged with the frozen part."""
         return nnx.merge(self.graphdef, self.trainable if trainable is None else trainable,
                          self.frozen)
 
+    def policy(self, trainable=None) -> Policy:
+        """The model with `trainable` (default: the current state) as tasks use it."""
+        return Policy(self.graphdef, self.trainable if trainable is None else trainable,
+                      self.frozen, self.tokenizer, self.mesh, self.max_length)
 
-# ---- config and checkpoints -----------------------------------------------------------------
+    def reference_policy(self) -> Policy | None:
+        """The DPO reference model of `dpo.reference_path` as tasks use it, or None."""
+        if self.reference is None:
+            return None
+        return Policy(self.reference.graphdef, self.reference.params, self.reference.rest,
+                      self.tokenizer, self.mesh, self.max_length)
+
+
+# ---- building -----------------------------------------------------------------------------
+
+def build_run(config: mlc.ConfigDict, devices=None, *, mesh=None, tokenizer=None,
+              task: bool = True, reference: bool = True) -> Run:
+    """The run of `config` on a mesh over `devices` (default: all; or the given `mesh`), with
+    `tokenizer` (default: the config's); with `task`, the task's data read and checked; with
+    `reference`, the model of `dpo.reference_path` loaded."""
+    validate(config)
+    mesh = sharding.make_mesh(config.mesh, devices) if mesh is None else mesh
+    family, model_config, graphdef, trainable, frozen = build_model(config, mesh)
+    tokenizer = tokenizer or load_tokenizer(config.model.tokenizer or config.model.name_or_path)
+    max_length = _max_length(config, model_config)
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                        f"{model_config.vocab_size}; use the model's own tokenizer")
+    run = Run(config, mesh, family, model_config, graphdef, trainable, frozen, tokenizer,
+              max_length, initial=trainable)
+    if task:
+        run.task = make_task(config.data, tokenizer, max_length, config.seed)
+    if reference and config.dpo.reference_path:
+        run.reference = load_reference(config.dpo.reference_path, config, mesh, tokenizer)
+    return run
+
+
+def build_model(config: mlc.ConfigDict, mesh):
+    """`(family, model config, graphdef, trainable, frozen)` of the config's model on the mesh,
+    with LoRA adapters when `config.param.kind == 'lora'` (fresh ones: B = 0)."""
+    family, model = _load_model(config, mesh)
+    if config.param.kind == "lora":
+        p = config.param
+        lora.apply_lora(model, r=p.r, alpha=p.alpha, dropout=p.dropout,
+                        target_modules=_targets(p.target_modules), use_rslora=p.use_rslora,
+                        seed=config.seed)
+    if config.model.remat:
+        model.config = dataclasses.replace(model.config, remat=True)
+    graphdef, trainable, frozen = lora.split_trainable(model, config.param.kind)
+    trainable = sharding.place_state(trainable, mesh, family.PARTITION_RULES)
+    frozen = sharding.place_state(frozen, mesh, family.PARTITION_RULES)
+    return family, model.config, graphdef, trainable, frozen
+
+
+def _targets(target_modules):
+    return list(target_modules) if isinstance(target_modules, (list, tuple)) else target_modules
+
+
+def _load_model(config, mesh):
+    dtype = DTYPES[config.model.dtype]
+    if config.model.name_or_path:
+        return _pretrained(config.model.name_or_path, mesh, dtype, config.model.allow_pickle)
+    init = dict(config.model.init)
+    model_type = init["model_type"]
+    if model_type not in FAMILIES:
+        raise UserError(f"config.model.init.model_type={model_type!r} is not supported; use one "
+                        f"of {sorted(FAMILIES)}")
+    family = FAMILIES[model_type]
+    model_config = family.Config.from_hf(init, dtype=dtype)
+    sharding.check_heads(model_config, mesh)
+    abstract = nnx.eval_shape(lambda: family.build(model_config, config.model.init_seed))
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = sharding.state_shardings(abstract_state, mesh, family.PARTITION_RULES)
+
+    def init_params():
+        return nnx.state(family.build(model_config, config.model.init_seed))
+
+    state = jax.jit(init_params, out_shardings=shardings)()
+    return family, nnx.merge(graphdef, state)
+
+
+def _pretrained(name_or_path: str, mesh, dtype, allow_pickle: bool):
+    """`(family, model)` of a Hugging Face directory, hub id or GGUF file, loaded straight into
+    the shardings its family's partition rules give."""
+    family, model_config = load_config(name_or_path)
+    sharding.check_heads(model_config, mesh)
+    model = from_pretrained(name_or_path, dtype=dtype,
+                            shardings=sharding.sharding_fn(mesh, family.PARTITION_RULES),
+                            allow_pickle=allow_pickle)
+    return family, model
+
+
+def _max_length(config, model_config) -> int:
+    limit = model_config.max_length
+    max_length = config.data.max_length or limit
+    if max_length > limit:
+        raise UserError(f"config.data.max_length={max_length} exceeds the model's {limit} "
+                        f"positions; lower it to at most {limit}")
+    return max_length
+
+
+# ---- the DPO reference of dpo.reference_path ----------------------------------------------
+
+def load_reference(source: str, config, mesh, tokenizer) -> ReferenceModel:
+    """The model at `source` (a Hugging Face directory or hub id, a GGUF file, or another
+    training run's workdir: its newest checkpoint, LoRA adapters merged) as a DPO reference on
+    `mesh`; its tokenizer must be the policy's `tokenizer`."""
+    where = f"config.dpo.reference_path={source!r}"
+    if is_workdir(source):
+        other = load_run(source, devices=list(mesh.devices.flat))
+        _check_same_vocabulary(other.tokenizer, tokenizer, where)
+        family, model = other.family, lora.merge_lora(other.model())
+    else:
+        _check_same_vocabulary(load_tokenizer(source), tokenizer, where)
+        family, model = _pretrained(source, mesh, DTYPES[config.model.dtype],
+                                    config.model.allow_pickle)
+    graphdef, params, rest = lora.split_trainable(model, "fft")
+    return ReferenceModel(source, graphdef,
+                          sharding.place_state(params, mesh, family.PARTITION_RULES),
+                          sharding.place_state(rest, mesh, family.PARTITION_RULES))
+
+
+def _check_same_vocabulary(reference, policy, where: str) -> None:
+    """DPO compares log-probs of the same token ids under both models, so both must read text
+    into the same ids."""
+    ours, theirs = policy.vocabulary(), reference.vocabulary()
+    if ours == theirs:
+        return
+    if len(ours) != len(theirs):
+        detail = f"{len(theirs)} tokens there, {len(ours)} in the policy's"
+    else:
+        token = next(t for t in sorted(ours) if theirs.get(t) != ours[t])
+        detail = f"token {token!r} is id {theirs.get(token)} there, {ours[token]} in the policy's"
+    raise UserError(f"{where}: its tokenizer is not the policy's ({detail}); DPO compares "
+                    f"log-probs of the same token ids, so give a reference with the policy's "
+                    f"tokenizer")
+
+
+# ---- a run saved in its workdir -----------------------------------------------------------
+
+def is_workdir(path) -> bool:
+    """Whether `path` is a training run's workdir (its config.json beside checkpoints/)."""
+    path = Path(path).expanduser()
+    return (path / CONFIG_FILE).is_file() and (path / CHECKPOINT_DIR).is_dir()
+
+
+def check_workdir(workdir) -> Path:
+    workdir = Path(workdir)
+    if not workdir.is_dir():
+        raise UserError(f"workdir {workdir} does not exist; pass the --workdir a training run "
+                        f"wrote (python -m jaxsftdpo.train ... --workdir DIR)")
+    if not (workdir / CONFIG_FILE).is_file():
+        raise UserError(f"{workdir} has no {CONFIG_FILE}, so it is not a training run's workdir; "
+                        f"pass the --workdir given to python -m jaxsftdpo.train")
+    return workdir
+
 
 def _config_dict(value):
     """JSON -> ConfigDict, lists of dicts (the stages) included, so `stage.kind` works."""
@@ -78,7 +264,6 @@ _WHOLE = {"model.init"}
 def _merge(config: mlc.ConfigDict, data: dict, prefix: str = "") -> None:
     """`data` (config.json) over `config` (today's defaults), in place: a run saved before a key
     existed gets that key's default, so the code that reads it finds it."""
-    from jaxsftdpo.config import stage
     with config.ignore_type():  # JSON has lists where the defaults may have tuples
         for key, value in data.items():
             name = prefix + key
@@ -96,17 +281,6 @@ def _merge(config: mlc.ConfigDict, data: dict, prefix: str = "") -> None:
                 config[key] = _config_dict(value)
 
 
-def check_workdir(workdir) -> Path:
-    workdir = Path(workdir)
-    if not workdir.is_dir():
-        raise UserError(f"workdir {workdir} does not exist; pass the --workdir a training run "
-                        f"wrote (python -m jaxsftdpo.train ... --workdir DIR)")
-    if not (workdir / CONFIG_FILE).is_file():
-        raise UserError(f"{workdir} has no {CONFIG_FILE}, so it is not a training run's workdir; "
-                        f"pass the --workdir given to python -m jaxsftdpo.train")
-    return workdir
-
-
 def read_config(workdir) -> mlc.ConfigDict:
     """The run's resolved config from `workdir/config.json`, locked like a config file's."""
     path = check_workdir(workdir) / CONFIG_FILE
@@ -115,7 +289,6 @@ def read_config(workdir) -> mlc.ConfigDict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid JSON ({e}); restore the file the trainer "
                         f"wrote") from e
-    from jaxsftdpo.config import base_config
     config = base_config()
     if not isinstance(data, dict):
         raise UserError(f"{path} does not hold a config; restore the file the trainer wrote")
@@ -146,8 +319,15 @@ def pick_step(workdir, step: int | None = None) -> int:
     return step
 
 
+def run_tokenizer(workdir: Path, config):
+    """The tokenizer the trainer saved in the workdir, else the config's."""
+    saved = workdir / TOKENIZER_DIR
+    if saved.is_dir() and any(saved.iterdir()):
+        return load_tokenizer(str(saved))
+    return load_tokenizer(config.model.tokenizer or config.model.name_or_path)
+
+
 def _mesh(config, devices):
-    from jaxsftdpo import sharding
     try:
         return sharding.make_mesh(config.mesh, devices)
     except UserError as e:
@@ -159,10 +339,8 @@ def _mesh(config, devices):
 
 
 def _restore(workdir: Path, step: int | None, trainable):
-    """`(step, trainable restored from checkpoint `step`, its meta)`; with `step` None, of the
-    newest checkpoint that restores (those that do not are named in one line)."""
-    from jaxsftdpo import checkpoint as ckpt
-
+    """`(step, trainable restored from checkpoint `step`, its position)`; with `step` None, of
+    the newest checkpoint that restores (those that do not are named in one line)."""
     fix = (f"restore the run's original {CONFIG_FILE}, or pass the workdir this checkpoint "
            f"belongs to")
     manager = ckpt.Manager(workdir / CHECKPOINT_DIR, keep=max(len(checkpoint_steps(workdir)), 1))
@@ -180,34 +358,22 @@ def _restore(workdir: Path, step: int | None, trainable):
                         f"{', '.join(map(str, checkpoint_steps(workdir)))})") from e
     finally:
         manager.close()  # stops orbax's background threads before the process exits
-    return resume.step, restored, resume.meta
+    return resume.step, restored, resume.position
 
 
-# ---- the run --------------------------------------------------------------------------------
-
-def run_tokenizer(workdir: Path, config):
-    """The tokenizer the trainer saved in the workdir, else the config's."""
-    from jaxsftdpo.data.tokenizer import load_tokenizer
-    saved = workdir / TOKENIZER_DIR
-    if saved.is_dir() and any(saved.iterdir()):
-        return load_tokenizer(str(saved))
-    return load_tokenizer(config.model.tokenizer or config.model.name_or_path)
-
-
-def load_run(workdir, step: int | None = None, *, devices=None) -> LoadedRun:
-    """Rebuild the run in `workdir` at checkpoint `step` (default: the newest that restores)."""
+def load_run(workdir, step: int | None = None, *, devices=None, task: bool = False,
+             reference: bool = False) -> Run:
+    """The run in `workdir` at checkpoint `step` (default: the newest that restores); with
+    `task`, its task's data read, with `reference`, its `dpo.reference_path` model loaded."""
     workdir = check_workdir(workdir)
     config = read_config(workdir)
     pick_step(workdir, step)  # no checkpoint, or no such step: before the model is built
-    from jaxsftdpo.config import validate
-    from jaxsftdpo.trainer import build_model
     try:
         validate(config)
     except UserError as e:
         raise UserError(f"{workdir / CONFIG_FILE}: {e}") from e
-    mesh = _mesh(config, devices)
-    family, model_config, graphdef, initial, frozen = build_model(config, mesh)
-    step, trainable, meta = _restore(workdir, step, initial)
-    tokenizer = run_tokenizer(workdir, config)
-    return LoadedRun(workdir, config, step, meta, mesh, family, model_config, graphdef,
-                     trainable, initial, frozen, tokenizer)
+    run = build_run(config, mesh=_mesh(config, devices),
+                    tokenizer=run_tokenizer(workdir, config), task=task, reference=reference)
+    run.step, run.trainable, run.position = _restore(workdir, step, run.initial)
+    run.workdir = workdir
+    return run

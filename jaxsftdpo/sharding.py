@@ -13,6 +13,7 @@ import re
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxsftdpo.errors import UserError, first_line
@@ -154,7 +155,6 @@ def to_host(x: jax.Array) -> np.ndarray:
     """The whole value of a (possibly multi-process) array as numpy, on every process."""
     if x.is_fully_addressable or x.is_fully_replicated:
         return np.asarray(x)
-    from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 

@@ -40,8 +40,12 @@ class DPOSettings:
     loss_type: str
     label_smoothing: float
     sft_weight: float
-    reference: str       # "frozen_copy" (policy-shaped `ref` params), "precomputed" (logps
-                         # in the batch), "none"
+    reference: str       # "frozen_copy": a reference model is the step's `ref`; "precomputed":
+                         # its log-probs are in the batch; "none": zeros
+    # frozen_copy: None when `ref` is a policy-shaped trainable state over the policy's frozen
+    # part (the policy at the hand-off); another model's graphdef when `ref` is that model's
+    # whole state `(params, rest)` (`dpo.reference_path`).
+    reference_graphdef: Any = None
 
 
 def _concat_pairs(batch: dict) -> tuple:
@@ -104,38 +108,48 @@ def pair_completion_logps(model, batch: dict, scored_tokens=None):
             mean_logits)
 
 
-def reference_logps(graphdef, trainable, frozen, ref, batch, dpo: DPOSettings,
-                    scored_tokens=None):
-    """Reference log-probs of a micro-batch, never differentiated."""
+def reference_function(graphdef, dpo: DPOSettings, scored_tokens=None):
+    """`reference(frozen, ref, batch) -> (chosen [B], rejected [B])`: the reference's summed
+    completion log-probs of a micro-batch's pairs, never differentiated. Where they come from
+    (`dpo.reference`) is decided here, once for the step function."""
     if dpo.reference == "precomputed":
-        return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        return lambda frozen, ref, batch: (batch["ref_chosen_logps"], batch["ref_rejected_logps"])
     if dpo.reference == "none":
-        zeros = jnp.zeros(batch["chosen_input_ids"].shape[0], jnp.float32)
-        return zeros, zeros
-    model = nnx.merge(graphdef, jax.lax.stop_gradient(ref), frozen)
-    logps = pair_completion_logps(model, batch, scored_tokens)[2]
-    return jax.tree.map(jax.lax.stop_gradient, logps)
+        def zeros(frozen, ref, batch):
+            z = jnp.zeros(batch["chosen_input_ids"].shape[0], jnp.float32)
+            return z, z
+        return zeros
+    if dpo.reference_graphdef is None:
+        merge = lambda frozen, ref: nnx.merge(graphdef, ref, frozen)
+    else:
+        merge = lambda frozen, ref: nnx.merge(dpo.reference_graphdef, *ref)
+
+    def model_logps(frozen, ref, batch):
+        model = merge(frozen, jax.lax.stop_gradient(ref))
+        logps = pair_completion_logps(model, batch, scored_tokens)[2]
+        return jax.tree.map(jax.lax.stop_gradient, logps)
+    return model_logps
 
 
-def sft_loss(trainable, frozen, ref, batch, rng, norm, *, graphdef, dpo=None,
-             scored_tokens=None):
+def sft_loss(trainable, frozen, ref, batch, rng, norm, *, graphdef, scored_tokens=None):
     """Mean completion cross-entropy of the global batch, contributed by this micro-batch."""
-    del ref, dpo
+    del ref
     model = nnx.merge(graphdef, trainable, frozen)
     logps, valid = completion_logps(model, batch["input_ids"], batch["attention_mask"],
                                     batch["loss_mask"], scored_tokens, rng)
-    nll_sum, tokens = losses.nll(logps, valid)
+    nll_sum, _ = losses.nll(logps, valid)
+    # Non-padding tokens, prompts included: what the step reads (tokens_per_s, num_tokens).
+    tokens = batch["attention_mask"].sum().astype(jnp.float32)
     return nll_sum / norm["tokens"], {"loss": nll_sum / norm["tokens"], "tokens": tokens}
 
 
 def dpo_loss(trainable, frozen, ref, batch, rng, norm, *, graphdef, dpo: DPOSettings,
-             scored_tokens=None):
+             reference, scored_tokens=None):
     """DPO loss of the global batch contributed by this micro-batch; metrics as TRL names them:
     the `losses.dpo_loss` ones per pair, `logits/chosen` and `logits/rejected` per completion
     token of their half (`losses.completion_logit_sums`), each over the whole global batch."""
     del rng  # DPO runs without dropout, so policy and reference see the same network
-    ref_chosen, ref_rejected = reference_logps(graphdef, trainable, frozen, ref, batch, dpo,
-                                               scored_tokens)
+    ref_chosen, ref_rejected = reference(frozen, ref, batch)
     model = nnx.merge(graphdef, trainable, frozen)
     logps, valid, (chosen, rejected), mean_logits = pair_completion_logps(model, batch,
                                                                           scored_tokens)
@@ -160,9 +174,6 @@ def dpo_loss(trainable, frozen, ref, batch, rng, norm, *, graphdef, dpo: DPOSett
     tokens = batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum()
     metrics["tokens"] = tokens.astype(jnp.float32)
     return loss, metrics
-
-
-LOSSES = {"sft": sft_loss, "dpo": dpo_loss}
 
 
 def accumulated_grads(loss_fn, trainable, frozen, ref, batch, rng, norm):
@@ -243,8 +254,10 @@ def train_step(state: TrainState, frozen, ref, batch, rng, *, loss_fn, kind, tx,
 
 def loss_function(kind: str, graphdef, dpo: DPOSettings | None, scored_tokens: int | None):
     """`loss_fn(trainable, frozen, ref, batch, rng, norm) -> (loss, metrics)` of a stage kind."""
-    return functools.partial(LOSSES[kind], graphdef=graphdef, dpo=dpo,
-                             scored_tokens=scored_tokens)
+    if kind == "sft":
+        return functools.partial(sft_loss, graphdef=graphdef, scored_tokens=scored_tokens)
+    return functools.partial(dpo_loss, graphdef=graphdef, dpo=dpo, scored_tokens=scored_tokens,
+                             reference=reference_function(graphdef, dpo, scored_tokens))
 
 
 def make_train_step(kind: str, graphdef, tx, dpo: DPOSettings | None, state_shardings=None,

@@ -50,12 +50,16 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import ml_collections as mlc
+from tqdm import tqdm
 
 from jaxsftdpo.config import describe_differences
+from jaxsftdpo import study_report
 from jaxsftdpo.cli import exit_on_error
 from jaxsftdpo.errors import Diverged, Stopped, UserError, one_line
 from jaxsftdpo.runs import DIVERGED_FILE, RESULTS_FILE
+from jaxsftdpo.trainer import train_and_evaluate
 
 GRID_KEYS = {"name", "cells", "seeds", "seed_keys", "overrides", "metric", "compare", "n_boot",
              "description"}
@@ -270,9 +274,7 @@ def run_grid(grid: Grid, workdir, *, seeds: int | None = None, train_fn=None, af
     `train_fn(config, workdir)` defaults to `trainer.train_and_evaluate`; `after_run(record)` is
     called after each run that trained in this call (tests use both to interrupt and to count).
     """
-    from tqdm import tqdm
-    if train_fn is None:
-        from jaxsftdpo.trainer import train_and_evaluate as train_fn
+    train_fn = train_fn or train_and_evaluate
     workdir = Path(workdir)
     seeds = grid.seeds if seeds is None else seeds
     if seeds < 1:
@@ -311,7 +313,6 @@ def run_grid(grid: Grid, workdir, *, seeds: int | None = None, train_fn=None, af
             after_run(_record(cell, seed, out))
     bar.close()
     records = collect(grid, workdir, seeds)
-    from jaxsftdpo import study_report
     study_report.write_report(grid, records, workdir)
     if signalled is not None:
         raise signalled
@@ -396,7 +397,6 @@ def parse_args(argv):
 def use_compilation_cache(workdir) -> None:
     """Runs of a cell differ only in the seed, so they compile the same programs: keep them in
     a persistent cache under the study's workdir (unless JAX_COMPILATION_CACHE_DIR is set)."""
-    import jax
     if not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", str(Path(workdir).absolute() / "jax_cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
@@ -409,7 +409,6 @@ def main(argv=None) -> None:
     grid = load_grid(args.grid, extra_overrides=overrides)
     use_compilation_cache(args.workdir)
     if args.report_only:
-        from jaxsftdpo import study_report
         seeds = grid.seeds if args.seeds is None else args.seeds
         study_report.write_report(grid, collect(grid, args.workdir, seeds), args.workdir)
     else:

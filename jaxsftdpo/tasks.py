@@ -104,7 +104,10 @@ class ClozeTask:
                     for i, (p, g) in enumerate(zip(predicted, self.dev_labels))]
         return Evaluation(accuracy_and_macro_f1(predicted, self.dev_labels), examples)
 
-    def write_predictions(self, evaluation: Evaluation, workdir: Path) -> None:
+    def write_predictions(self, evaluation: Evaluation, workdir: Path, policy,
+                          batch_size: int) -> None:
+        """The evaluation's per-example results; `policy` (the one evaluated) predicts what
+        else a task writes."""
         write_examples(evaluation, Path(workdir) / "dev_predictions.jsonl")
 
 
@@ -140,14 +143,6 @@ def subsample(examples: list, scale: float, seed: int) -> list:
         len(examples))[:keep])]
 
 
-def _latest_policy(latest, evaluation: Evaluation, what: str):
-    """`(policy, batch_size)` of the evaluate call that gave `evaluation`, else None (said)."""
-    if latest is None or latest[0] is not evaluation:
-        print(f"{what} not written: no policy for this evaluation; run the task's evaluate first")
-        return None
-    return latest[1:]
-
-
 class ParaphraseTask(ClozeTask):
     """Quora paraphrase detection as in the course (jaxsftdpo.data.paraphrase), from the
     course's files or a hub dataset. Besides `dev_predictions.jsonl`, writes the course's
@@ -165,12 +160,6 @@ class ParaphraseTask(ClozeTask):
                                                   what="config.data.test")
                                   if data_config.test else [], tokenizer)
         self.max_length = max_length
-        self._latest = None  # (evaluation, policy, batch_size) of the last evaluate call
-
-    def evaluate(self, policy, batch_size: int) -> Evaluation:
-        evaluation = super().evaluate(policy, batch_size)
-        self._latest = (evaluation, policy, batch_size)
-        return evaluation
 
     def predict(self, policy, prompts: list[str], batch_size: int) -> np.ndarray:
         """The predicted answer's token id after each prompt (GPT-2: 8505 yes, 3919 no)."""
@@ -178,17 +167,17 @@ class ParaphraseTask(ClozeTask):
         logits = policy.prompt_logits(tokenized, batch_size)[:, self.answer_ids]
         return self.answer_ids[np.argmax(logits, axis=-1)]
 
-    def write_predictions(self, evaluation: Evaluation, workdir: Path) -> None:
-        super().write_predictions(evaluation, workdir)
+    def write_predictions(self, evaluation: Evaluation, workdir: Path, policy,
+                          batch_size: int) -> None:
+        super().write_predictions(evaluation, workdir, policy, batch_size)
         workdir = Path(workdir)
         if evaluation.examples:
             tokens = [int(self.answer_ids[self.labels.index(e["prediction"])])
                       for e in evaluation.examples]
             paraphrase.write_submission(workdir / "para-dev-output.csv",
                                         [e["id"] for e in evaluation.examples], tokens)
-        if self.test and (latest := _latest_policy(self._latest, evaluation,
-                                                   "para-test-output.csv")):
-            tokens = self.predict(latest[0], [e["prompt"] for e in self.test], latest[1])
+        if self.test:
+            tokens = self.predict(policy, [e["prompt"] for e in self.test], batch_size)
             paraphrase.write_submission(workdir / "para-test-output.csv",
                                         [e["id"] for e in self.test], tokens.tolist())
 
@@ -260,7 +249,6 @@ class SonnetTask:
             raise UserError(f"config.data.pairing_k={data_config.pairing_k}; use at least 1")
         self.k = data_config.pairing_k if data_config.pairing == "worst_of_k" else 1
         self.seed, self.batch_size = seed, data_config.eval_batch_size
-        self._latest = None  # (evaluation, policy, batch_size) of the last evaluate call
 
     def sft_examples(self) -> list[dict]:
         return [{"prompt": "", "completion": s["text"]} for s in self.train]
@@ -313,11 +301,10 @@ class SonnetTask:
                      "generated": [texts[i] for texts in generated],
                      "chrf": [chrf.sentence_chrf(texts[i], reference) for texts in generated]}
                     for i, (sonnet, reference) in enumerate(zip(self.dev, references))]
-        evaluation = Evaluation(scores, examples)
-        self._latest = (evaluation, policy, batch_size)
-        return evaluation
+        return Evaluation(scores, examples)
 
-    def write_predictions(self, evaluation: Evaluation, workdir: Path) -> None:
+    def write_predictions(self, evaluation: Evaluation, workdir: Path, policy,
+                          batch_size: int) -> None:
         """`dev_predictions.jsonl`, `generated_sonnets_dev_seed{s}.txt` per seed and, with
         `data.test`, `generated_sonnets_test.txt` (first seed), in the course's format."""
         workdir = Path(workdir)
@@ -325,10 +312,9 @@ class SonnetTask:
         for j, seed in enumerate(self.seeds if evaluation.examples else ()):
             (workdir / f"generated_sonnets_dev_seed{seed}.txt").write_text(
                 sonnets.format_generated([e["generated"][j] for e in evaluation.examples]))
-        if self.test and (latest := _latest_policy(self._latest, evaluation,
-                                                   "generated_sonnets_test.txt")):
-            texts = self.complete(latest[0], [s["text"] for s in self.test], self.seeds[0],
-                                  latest[1])
+        if self.test:
+            texts = self.complete(policy, [s["text"] for s in self.test], self.seeds[0],
+                                  batch_size)
             (workdir / "generated_sonnets_test.txt").write_text(sonnets.format_generated(texts))
 
 
@@ -386,7 +372,10 @@ class JsonlTask:
                                    correct=int(c > r))
         return Evaluation(scores, examples)
 
-    def write_predictions(self, evaluation: Evaluation, workdir: Path) -> None:
+    def write_predictions(self, evaluation: Evaluation, workdir: Path, policy,
+                          batch_size: int) -> None:
+        """The evaluation's per-example results; `policy` (the one evaluated) predicts what
+        else a task writes."""
         write_examples(evaluation, Path(workdir) / "dev_predictions.jsonl")
 
 

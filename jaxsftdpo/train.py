@@ -9,13 +9,13 @@ checkpoint (rerun the command to resume).
 from __future__ import annotations
 
 from jaxsftdpo.cli import config_flag, run_cli, workdir_flag
+from jaxsftdpo.trainer import train_and_evaluate
 
 _CONFIG = config_flag()
 _WORKDIR = workdir_flag()
 
 
 def main() -> None:
-    from jaxsftdpo.trainer import train_and_evaluate
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -17,7 +17,7 @@ import transformers
 from flax import nnx
 
 from jaxsftdpo import generate as gen
-from jaxsftdpo import lora, peft_export, trainer
+from jaxsftdpo import lora, peft_export, runs, trainer
 from jaxsftdpo.errors import UserError
 from jaxsftdpo.models import from_pretrained, llama, save_pretrained
 from testing import quickstart_config
@@ -251,7 +251,7 @@ def test_unsupported_rope_type_is_one_line(tmp_path):
 def test_tensor_axis_must_divide_the_key_value_heads():
     config = tiny_llama_config(data=1, tensor=4)  # 4 query heads but 2 key/value heads
     with pytest.raises(UserError, match="tensor=4 does not divide the model's 2 key/value"):
-        trainer.prepare(config, devices=jax.devices()[:4])
+        runs.build_run(config, devices=jax.devices()[:4])
 
 
 def test_train_cli_mesh_error_exits_2_and_writes_nothing(tmp_path):

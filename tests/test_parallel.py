@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsftdpo import sharding, steps, trainer
+from jaxsftdpo import runs, sharding, steps, trainer
 from jaxsftdpo.config import stage
 from jaxsftdpo.errors import UserError
 from testing import ONE_LAYER, tiny_config
@@ -50,7 +50,7 @@ def build(param, mesh_shape, devices, **model):
     config = quickstart_config(**model)
     config.param.kind = param
     mesh = sharding.make_mesh(mesh_shape, devices)
-    _, _, graphdef, trainable, frozen = trainer.build_model(config, mesh)
+    _, _, graphdef, trainable, frozen = runs.build_model(config, mesh)
     if param == "lora":  # B = 0 at init would make the adapters' first gradients trivial
         trainable = jax.tree.map(lambda x: x + 0.01, trainable)
     return config, mesh, graphdef, trainable, frozen
@@ -198,7 +198,7 @@ def test_remat_gives_same_loss_and_gradients():
         config = quickstart_config()
         config.model.remat = remat
         mesh = sharding.make_mesh(dict(data=2, fsdp=1, tensor=1), devices)
-        _, _, graphdef, trainable, frozen = trainer.build_model(config, mesh)
+        _, _, graphdef, trainable, frozen = runs.build_model(config, mesh)
         batch = sharding.place_batch(random_batch("sft"), mesh, leading=1)
         loss_fn = lambda *a: steps.sft_loss(*a, graphdef=graphdef)
         fn = jax.jit(lambda t, f, b, r: steps.accumulated_grads(
@@ -244,4 +244,4 @@ def test_distributed_is_initialized_only_when_asked(monkeypatch):
     config.parallel.distributed = False
     config.parallel.mode = "pjit"
     with pytest.raises(UserError, match="parallel.mode"):
-        trainer.prepare(config)
+        runs.build_run(config)

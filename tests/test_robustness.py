@@ -20,13 +20,13 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from jaxsftdpo import checkpoint, cli, lock, runs, study, tasks, trainer
+from jaxsftdpo import checkpoint, lock, runs, study, tasks, trainer
 from jaxsftdpo.data import batching, jsonl, paraphrase
 from jaxsftdpo.data.tokenizer import ByteTokenizer
 from jaxsftdpo.errors import Diverged, Stopped, UserError
 from jaxsftdpo.evaluate import evaluate_workdir
 from jaxsftdpo.export import export_run
-from testing import tiny_config
+from testing import cli_exit, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,19 +42,9 @@ def small(sft_steps=6, dpo_steps=0, **changes):
     return config
 
 
-def cli_exit(capsys, fn) -> tuple[int, str]:
-    """`(exit status, the one stderr line)` of `fn` run as the CLIs run their main."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as ended:
-        cli.run_cli(fn, argv=["train"])
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(lines) == 1, lines
-    return ended.value.code, lines[0]
-
-
 def final_params(config, workdir):
     return checkpoint.Manager(Path(workdir) / "checkpoints", keep=3).latest().params(
-        trainer.prepare(config).trainable)
+        runs.build_run(config).trainable)
 
 
 def metric_rows(workdir):
@@ -292,7 +282,7 @@ def test_a_rerun_of_a_finished_run_says_so_and_changes_nothing(tmp_path, capsys,
     before = snapshot(tmp_path)
     capsys.readouterr()
     with monkeypatch.context() as patched:
-        patched.setattr(trainer, "_evaluate", lambda *args: pytest.fail("it evaluated"))
+        patched.setattr(trainer._Training, "_evaluate", lambda *args: pytest.fail("it evaluated"))
         assert trainer.train_and_evaluate(config, tmp_path) == results
     assert capsys.readouterr().out.splitlines() == [
         f"{tmp_path} is finished (step 2): nothing to train or evaluate, nothing written; its "

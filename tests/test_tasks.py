@@ -10,7 +10,9 @@ import pytest
 from jaxsftdpo.config import stage
 from jaxsftdpo.data import sonnets
 from jaxsftdpo.policy import Policy
-from jaxsftdpo.trainer import prepare, train_and_evaluate
+from jaxsftdpo import stage_data
+from jaxsftdpo.runs import build_run
+from jaxsftdpo.trainer import train_and_evaluate
 from test_data import chat_tokenizer  # noqa: F401 - a fixture
 from testing import task_config
 
@@ -142,9 +144,10 @@ def test_jsonl_task_trains_sft_and_dpo_rows_and_scores_dev(tmp_path):
                                    stage("dpo", epochs=1, batch_size=8)],
                          train=str(tmp_path / "train.jsonl"), dev=str(tmp_path / "dev.jsonl"),
                          truncate=True)
-    run = prepare(config)
-    assert [len(items) for items in run.stage_data] == [10, 8]
-    assert any("1 examples had their prompt cut from the left" in n for n in run.data_notes)
+    run = build_run(config)
+    data = stage_data.tokenize_stages(run)
+    assert [len(items) for items in data.items] == [10, 8]
+    assert any("1 examples had their prompt cut from the left" in n for n in data.notes)
     policy = Policy(run.graphdef, run.trainable, run.frozen, run.tokenizer, run.mesh,
                     run.max_length)
     evaluation = run.task.evaluate(policy, 8)
@@ -198,7 +201,7 @@ def test_dev_from_train_holds_out_the_last_rows_and_stages_may_be_empty(quora, t
     rows = paraphrase.read(quora["train"])
     config = task_config("paraphrase", [], train=quora["train"], dev="missing.csv",
                          dev_from_train=40)
-    run = prepare(config)
+    run = build_run(config)
     assert [e["id"] for e in run.task.dev] == [e["id"] for e in rows[-40:]]
     assert [e["id"] for e in run.task.train] == [e["id"] for e in rows[:-40]]
     # no stages: the run only evaluates, once
@@ -211,12 +214,12 @@ def test_dev_from_train_holds_out_the_last_rows_and_stages_may_be_empty(quora, t
     results = train_and_evaluate(config, str(tmp_path / "no_start"))
     assert [e["after"] for e in results["evals"]] == ["1:sft"]
     with pytest.raises(UserError, match="leaves nothing to train on"):
-        prepare(task_config("paraphrase", [], train=quora["train"], dev_from_train=len(rows)))
+        build_run(task_config("paraphrase", [], train=quora["train"], dev_from_train=len(rows)))
 
 
 def test_prompt_logits_in_length_order_come_back_in_the_prompts_order():
     config = task_config("yes_no", [stage("sft", steps=1)], n_train=16, n_dev=8)
-    run = prepare(config)
+    run = build_run(config)
     policy = Policy(run.graphdef, run.trainable, run.frozen, run.tokenizer, run.mesh, 64)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 256, size=n).astype(np.int32) for n in (30, 3, 17, 9, 41, 5)]

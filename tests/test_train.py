@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxsftdpo import checkpoint, lora, sharding, steps, tasks, trainer
+from jaxsftdpo import checkpoint, lora, runs, sharding, stage_data, steps, tasks, trainer
 from jaxsftdpo.config import stage
 from jaxsftdpo.data import batching
 from testing import quickstart_config, tiny_config
@@ -23,7 +23,7 @@ def metrics(workdir, kind=None):
 
 
 def final_params(config, workdir):
-    target = trainer.prepare(config).trainable
+    target = runs.build_run(config).trainable
     resume = checkpoint.Manager(Path(workdir) / "checkpoints", keep=2).latest()
     return resume.params(target)
 
@@ -61,7 +61,7 @@ def test_dpo_after_sft_starts_at_log2(tmp_path, param, reference):
 # ---- LoRA -----------------------------------------------------------------------------------
 
 def sft_batches(run, stage_cfg, n):
-    items = run.stage_data[0]
+    items = stage_data.tokenize_stages(run).items[0]
     buckets = batching.default_buckets(run.max_length)
     out = []
     for batch in batching.batches_for_epoch(items, stage_cfg.batch_size,
@@ -76,7 +76,7 @@ def sft_batches(run, stage_cfg, n):
 
 def test_lora_trains_adapters_only_and_merges_to_the_same_logits():
     config = tiny_config(**{"param.kind": "lora", "param.r": 4})
-    run = trainer.prepare(config)
+    run = runs.build_run(config)
     stage_cfg = config.stages[0]
     base = jax.tree.map(np.array, run.frozen)
     initial = jax.tree.map(np.array, run.trainable)
@@ -100,7 +100,7 @@ def test_lora_trains_adapters_only_and_merges_to_the_same_logits():
     assert all(jax.tree.leaves(changed))
 
     model = nnx.merge(run.graphdef, state.trainable, run.frozen)
-    ids = batching.pad_sequences([s.ids for s in run.stage_data[0][:4]], 64,
+    ids = batching.pad_sequences([s.ids for s in stage_data.tokenize_stages(run).items[0][:4]], 64,
                                  run.tokenizer.pad_token_id, 4, "right")
     unmerged = np.asarray(model(*ids))
     merged = np.asarray(lora.merge_lora(model)(*ids))
@@ -134,7 +134,7 @@ def test_meshes_give_the_losses_of_one_device(tmp_path, monkeypatch, one_device_
     config = tiny_config(sft_steps=3, dpo_steps=3, **{"mesh.data": shape[0],
                                                       "mesh.fsdp": shape[1],
                                                       "mesh.tensor": shape[2]})
-    run = trainer.prepare(config)
+    run = runs.build_run(config)
     rules = run.family.PARTITION_RULES
     for path, variable in nnx.to_flat_state(run.trainable):
         name = sharding.path_name(path)
@@ -208,3 +208,4 @@ def test_train_step_compiles_once_per_stage_and_bucket(tmp_path, monkeypatch):
     trainer.train_and_evaluate(config, tmp_path, devices=jax.devices()[:1])
     assert len(made) == 2
     assert [fn._cache_size() for fn in made] == [2, 2]
+

@@ -1,4 +1,5 @@
-"""The configs the tests build: the quickstart shrunk to seconds, and a tiny run of a task.
+"""What the tests share: the configs they build (the quickstart shrunk to seconds, a tiny run of a
+task) and `cli_exit`, a command's exit status and one-line report.
 
 Changes are given as `{"dotted.key": value}`, as `--config.KEY=VALUE` gives them.
 """
@@ -6,6 +7,9 @@ Changes are given as `{"dotted.key": value}`, as `--config.KEY=VALUE` gives them
 import importlib.util
 from pathlib import Path
 
+import pytest
+
+from jaxsftdpo import cli
 from jaxsftdpo.config import base_config, finalize, stage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,3 +62,13 @@ def task_config(task, stages, **data):
     config.data.update(data)
     config.stages = stages
     return finalize(config)
+
+
+def cli_exit(capsys, fn) -> tuple[int, str]:
+    """`(exit status, the one stderr line)` of `fn` run as the CLIs run their main."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as ended:
+        cli.run_cli(fn, argv=["train"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    return ended.value.code, lines[0]

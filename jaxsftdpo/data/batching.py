@@ -8,8 +8,8 @@ Conventions:
   Both are counted in the returned `Tokenized`; `strict=True` raises a UserError instead.
 - Batches are padded on the right with the pad token to the smallest length bucket that holds the
   longest row, so a jitted step compiles once per bucket.
-- Training epochs: order = `np.random.default_rng((seed, epoch)).permutation(n)`, the last partial
-  batch dropped. Evaluation (`shuffle=False, drop_last=False`): every example in file order, the
+- Training epochs: order = `np.random.default_rng((*stream, epoch)).permutation(n)`, the stream
+  being the trainer's (seed, stage), the last partial batch dropped. Evaluation (`shuffle=False, drop_last=False`): every example in file order, the
   last batch filled up to `batch_size` with empty rows whose masks are all False.
 """
 
@@ -129,6 +129,12 @@ def _sequence(prefix: list[int], prompt: list[int], completion: list[int]) -> Se
     return Sequence(ids, loss_mask)
 
 
+def completion_tokens(sequence: Sequence) -> int:
+    """The tokens of `sequence` a loss scores: its loss mask but the first position, which no
+    logit predicts."""
+    return int(sequence.loss_mask[1:].sum())
+
+
 def scored_tokens_bound(items: list) -> int:
     """The most completion tokens any sequence of `items` (`Sequence`s or `PreferencePair`s)
     scores, rounded up to a multiple of 8 for even matmul shapes: the train step computes
@@ -216,13 +222,15 @@ def num_batches(n_examples: int, batch_size: int, drop_last: bool = True) -> int
     return n_examples // batch_size if drop_last else -(-n_examples // batch_size)
 
 
-def epoch_order(n_examples: int, seed: int, epoch: int) -> np.ndarray:
-    """The example order of an epoch: a pure function of (seed, epoch)."""
-    return np.random.default_rng((seed, epoch)).permutation(n_examples)
+def epoch_order(n_examples: int, stream: tuple[int, ...], epoch: int) -> np.ndarray:
+    """The example order of an epoch: a pure function of (*stream, epoch), where `stream`
+    names whose order it is, e.g. (seed, stage)."""
+    return np.random.default_rng((*stream, epoch)).permutation(n_examples)
 
 
 def batches_for_epoch(items: list, batch_size: int, pad_id: int, buckets: tuple[int, ...], *,
-                      seed: int = 0, epoch: int = 0, start: int = 0, shuffle: bool = True,
+                      stream: tuple[int, ...] = (0,), epoch: int = 0, start: int = 0,
+                      shuffle: bool = True,
                       drop_last: bool = True) -> Iterator[dict[str, np.ndarray]]:
     """Batches `start, start+1, ...` of an epoch of `Sequence`s or `PreferencePair`s.
 
@@ -230,7 +238,7 @@ def batches_for_epoch(items: list, batch_size: int, pad_id: int, buckets: tuple[
     """
     if not items:
         return
-    order = epoch_order(len(items), seed, epoch) if shuffle else np.arange(len(items))
+    order = epoch_order(len(items), stream, epoch) if shuffle else np.arange(len(items))
     collate = preference_batch if isinstance(items[0], PreferencePair) else sft_batch
     for b in range(start, num_batches(len(items), batch_size, drop_last)):
         chosen = order[b * batch_size:(b + 1) * batch_size]

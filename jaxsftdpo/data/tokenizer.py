@@ -32,6 +32,10 @@ class ByteTokenizer:
         data = bytes(int(i) for i in ids if int(i) != self.eos_token_id)
         return data.decode("utf-8", errors="replace")
 
+    def vocabulary(self) -> dict[str, int]:
+        """Each token's name and id; two tokenizers with equal vocabularies read text alike."""
+        return {**{f"<0x{i:02X}>": i for i in range(256)}, "<eos>": self.eos_token_id}
+
     def save(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, BYTE_TOKENIZER_FILE), "w") as f:
@@ -59,6 +63,10 @@ class HFTokenizer:
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def vocabulary(self) -> dict[str, int]:
+        """Each token's name and id (added tokens included)."""
+        return self.tokenizer.get_vocab()
 
     def apply_chat_template(self, *args, **kwargs):
         return self.tokenizer.apply_chat_template(*args, **kwargs)

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from gguf import GGUFReader
+from gguf.quants import dequantize
 
 from jaxsftdpo.errors import UserError, first_line
 
@@ -232,8 +234,6 @@ class GGUFCheckpoint:
                                 f"llama.cpp's llama-quantize)")
 
     def _dequantize(self, tensor) -> np.ndarray:
-        from gguf.quants import dequantize
-
         values = dequantize(tensor.data, tensor.tensor_type)
         return np.asarray(values, dtype=np.float32).reshape(self.shapes[tensor.name])
 
@@ -253,10 +253,6 @@ def hf_tensor_name(gguf_name: str) -> str:
 # ---- helpers --------------------------------------------------------------------------------
 
 def _open(path: Path):
-    try:
-        from gguf import GGUFReader
-    except ImportError as e:
-        raise UserError(f"reading {path.name} needs the gguf package: pip install gguf") from e
     try:
         return GGUFReader(path)
     except (ValueError, OSError, KeyError, IndexError) as e:  # bad magic, truncated file, ...

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
+from huggingface_hub import snapshot_download
 from safetensors.numpy import save_file
 
 from jaxsftdpo.errors import UserError, first_line
@@ -165,8 +166,6 @@ def _weight_patterns(allow_pickle: bool) -> list[str]:
 
 
 def _download(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
-    from huggingface_hub import snapshot_download
-
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except (OSError, ValueError) as e:  # hub HTTP, offline-mode and invalid-id errors
