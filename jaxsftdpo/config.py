@@ -105,6 +105,9 @@ def base_config() -> mlc.ConfigDict:
     # A step whose loss or gradient norm is not finite stops the run (exit status 3); > 0: so
     # does a loss above max_loss.
     c.max_loss = 0.0
+    # Peak FLOP/s of all the run's devices for the `mfu` metric; 0: the devices' known dense
+    # bf16 peak (jaxsftdpo/flops.py), on CPU a measured float32 matmul rate.
+    c.peak_flops = 0.0
     c.progress = True
     return c
 
@@ -147,6 +150,8 @@ def validate(c: mlc.ConfigDict) -> None:
          f"config.data.eval_temperatures={tuple(c.data.eval_temperatures)}; use positive "
          f"temperatures")
     need(c.max_loss >= 0, f"config.max_loss={c.max_loss}; use 0 (off) or a positive bound")
+    need(c.peak_flops >= 0, f"config.peak_flops={c.peak_flops}; use 0 (the devices' own peak) or "
+                            f"the FLOP/s of all the run's devices")
     need(c.dpo.reference in REFERENCES,
          f"config.dpo.reference={c.dpo.reference!r}; use one of {REFERENCES}")
     need(c.model.dtype in DTYPES, f"config.model.dtype={c.model.dtype!r}; use one of {DTYPES}")

@@ -28,7 +28,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from jaxsftdpo import checkpoint as ckpt
-from jaxsftdpo import lock, lora, runs, sharding, stage_data, steps
+from jaxsftdpo import flops, lock, lora, runs, sharding, stage_data, steps
 from jaxsftdpo.config import describe_differences, validate
 from jaxsftdpo.data import batching
 from jaxsftdpo.errors import Diverged, Stopped, UserError
@@ -247,6 +247,8 @@ class _Training:
         self.stop = {"signal": None}
         self.writer = None
         self.evaluation = None  # the newest evaluation of this call
+        self.sequence_length = 0  # of the newest step's batch
+        self.peak_flops = None    # measured at the first log on CPU, so found then
         self.is_main = jax.process_index() == 0
 
     def train(self) -> dict:
@@ -374,6 +376,7 @@ class _Training:
         stage = self.config.stages[st.index]
         ref, batch = st.feed(batch, batch.pop("index"))
         micro = {k: v.reshape(stage.grad_accum, -1, *v.shape[1:]) for k, v in batch.items()}
+        self.sequence_length = next(v.shape[-1] for k, v in batch.items() if "input_ids" in k)
         st.state, metrics = st.step_fn(st.state, self.run.frozen, ref,
                                        sharding.place_batch(micro, self.run.mesh, leading=1),
                                        self._dropout_key(st))
@@ -400,9 +403,19 @@ class _Training:
             return
         record = {k: v for k, v in metrics.items() if k != "tokens"}
         record.update(self._where(st), learning_rate=float(st.schedule(stage_step - 1)),
-                      num_tokens=self.position.num_tokens, tokens_per_s=throughput.take())
+                      num_tokens=self.position.num_tokens, **self._speed(throughput))
         self.writer.write(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}")
+
+    def _speed(self, throughput: _Throughput) -> dict:
+        """Tokens per second since the last log, the model FLOPs per token of the newest batch's
+        length (a DPO reference's forward not counted) and the model FLOPs utilisation."""
+        if self.peak_flops is None:
+            self.peak_flops = flops.peak_flops(self.config.peak_flops)
+        tokens_per_s = throughput.take()
+        per_token = flops.model_flops_per_token(self.run.model_config, self.sequence_length)
+        return {"tokens_per_s": tokens_per_s, "flops_per_token": per_token,
+                "mfu": flops.mfu(tokens_per_s, per_token, self.peak_flops)}
 
     def _where(self, st: _Stage) -> dict:
         return {"stage": st.index + 1, "kind": st.kind, "step": self.position.global_step,

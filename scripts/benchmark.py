@@ -3,18 +3,26 @@
     python scripts/benchmark.py generate     # new tokens/s: jaxsftdpo vs transformers greedy
     python scripts/benchmark.py memory       # per-device bytes under FSDP, 1/2/4/8 devices
     python scripts/benchmark.py train        # SFT/DPO x full/LoRA step time vs PyTorch
+    python scripts/benchmark.py attention    # one attention layer: einsum vs fused path
     ... generate --shape smollm2 / train --shape smollm2: a SmolLM2-135M-shaped Llama instead
+    ... --no-reference: jaxsftdpo alone (no torch, transformers or peft), for accelerators
 
 Machines are shared and noisy, so each case is timed as the best of a few repeats and reported
-next to its reference measured in the same run.
+next to its reference measured in the same run. generate and train also print the model FLOPs
+per token (`jaxsftdpo.flops`) and the MFU against the device's peak.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from types import SimpleNamespace
 
 import numpy as np
+
+# What `steps.make_optimizer` reads of a stage: AdamW, constant learning rate, clipping at 1.
+ADAMW = SimpleNamespace(learning_rate=1e-5, schedule="constant", warmup_steps=0,
+                        max_grad_norm=1.0, weight_decay=0.0)
 
 
 def best_time(fn, repeats: int) -> float:
@@ -27,36 +35,52 @@ def best_time(fn, repeats: int) -> float:
 
 
 # SmolLM2-135M's shapes (HuggingFaceTB/SmolLM2-135M-Instruct), with random weights.
-SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                     num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                     max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
-                     tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+SMOLLM2_SHAPE = dict(model_type="llama", vocab_size=49152, hidden_size=576,
+                     intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                     num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0,
+                     rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
 
 
-def reference_config(args):
-    """The transformers config of the benchmark's model (`--shape`), and a line naming it."""
-    from transformers import GPT2Config, LlamaConfig
-
+def model_shape(args) -> tuple[dict, str]:
+    """The config.json of the benchmark's model (`--shape`, `--layers`), and a line naming it."""
     if args.shape == "smollm2":
-        config = LlamaConfig(**SMOLLM2_SHAPE)
-        return config, ("SmolLM2-135M shape (Llama, 30 layers, width 576, 9 query / 3 key-value "
-                        "heads, vocab 49152, tied)")
-    config = GPT2Config(n_layer=args.layers, n_embd=args.width, n_head=args.heads,
-                        n_positions=1024, attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0)
-    return config, (f"GPT-2 {args.layers} layers, width {args.width}, {args.heads} heads, "
-                    f"vocab {config.vocab_size}")
+        layers = args.layers or SMOLLM2_SHAPE["num_hidden_layers"]
+        return ({**SMOLLM2_SHAPE, "num_hidden_layers": layers},
+                f"SmolLM2-135M shape (Llama, {layers} layers, width 576, 9 query / 3 key-value "
+                f"heads, vocab 49152, tied)")
+    layers = args.layers or args.gpt2_layers
+    return (dict(model_type="gpt2", n_layer=layers, n_embd=args.width, n_head=args.heads,
+                 n_positions=1024, attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0),
+            f"GPT-2 {layers} layers, width {args.width}, {args.heads} heads, vocab 50257")
 
 
-def our_model(hf_config, weights: dict | None = None):
-    """Our model of `hf_config` (a transformers config), with `weights` (HF state dict as
-    numpy) when given, else its own random init."""
+def reference_config(shape: dict):
+    """transformers' config of `shape` (importing transformers imports torch)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(**shape)
+
+
+def our_config(shape: dict, args):
+    """Our config of `shape`, computing in `--dtype` with `--attention`."""
+    import jax.numpy as jnp
+
+    from jaxsftdpo.models import FAMILIES
+
+    return FAMILIES[shape["model_type"]].Config.from_hf(
+        shape, dtype=jnp.dtype(args.dtype), attention=args.attention)
+
+
+def our_model(shape: dict, args, weights: dict | None = None):
+    """Our model of `our_config`, with `weights` (HF state dict as numpy) when given, else its
+    own random init."""
     import jax.numpy as jnp
     from flax import nnx
 
     from jaxsftdpo.models import FAMILIES
 
-    family = FAMILIES[hf_config.model_type]
-    model = family.build(family.Config.from_hf(hf_config.to_dict()))
+    family = FAMILIES[shape["model_type"]]
+    model = family.build(our_config(shape, args))
     if weights is None:
         return model
     graphdef, state = nnx.split(model)
@@ -66,27 +90,45 @@ def our_model(hf_config, weights: dict | None = None):
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def peft_targets(hf_config) -> dict:
+def peft_targets(model_type: str) -> dict:
     """PEFT's LoraConfig arguments adapting every linear layer but the output embedding."""
-    if hf_config.model_type == "gpt2":
+    if model_type == "gpt2":
         return dict(target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
     return dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                 "down_proj"])
 
 
-def bench_generate(args):
-    import torch
-    from transformers import AutoModelForCausalLM
+def flops_and_peak(model_config, seq_len: int, *, training: bool):
+    """Model FLOPs per token of `seq_len`-token sequences, the peak FLOP/s of the device the
+    benchmark runs on (one), and a line saying both."""
+    import jax
 
+    from jaxsftdpo import flops
+
+    per_token = flops.model_flops_per_token(model_config, seq_len, training=training)
+    peak = flops.device_peak_flops()
+    return per_token, peak, (f"model FLOPs per token {per_token / 1e9:.3f} G "
+                             f"({'training' if training else 'forward'}, {seq_len} positions); "
+                             f"peak {peak / 1e12:.1f} TFLOP/s ({jax.devices()[0].device_kind})")
+
+
+def bench_generate(args):
+    from jaxsftdpo.flops import mfu
     from jaxsftdpo.generate import generate
 
-    torch.manual_seed(0)
-    hf_config, described = reference_config(args)
-    reference = AutoModelForCausalLM.from_config(hf_config).eval()
-    model = our_model(hf_config, {k: v.numpy() for k, v in reference.state_dict().items()})
+    shape, described = model_shape(args)
+    reference, weights = None, None
+    if args.reference:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(0)
+        reference = AutoModelForCausalLM.from_config(reference_config(shape)).eval()
+        weights = {k: v.numpy() for k, v in reference.state_dict().items()}
+    model = our_model(shape, args, weights)
 
     rng = np.random.default_rng(0)
-    prompts = rng.integers(0, hf_config.vocab_size, (args.batch, args.prompt_len))
+    prompts = rng.integers(0, model.config.vocab_size, (args.batch, args.prompt_len))
     new = args.new_tokens
 
     def run_jax():
@@ -100,15 +142,21 @@ def bench_generate(args):
     start = time.perf_counter()
     ours = run_jax()
     compile_s = time.perf_counter() - start
+    jax_s = best_time(run_jax, args.repeats)
+    tokens = args.batch * new
+    # Each new token's forward attends over the whole cache, prompt + new tokens long.
+    per_token, peak, flops_line = flops_and_peak(model.config, args.prompt_len + new,
+                                                 training=False)
+    print(f"model: {described}; batch {args.batch}, prompt {args.prompt_len}, {new} new tokens "
+          f"(greedy, {args.dtype}, attention {args.attention})")
+    print(flops_line)
+    print(f"jaxsftdpo     {tokens / jax_s:10.1f} new tokens/s  ({jax_s:.3f} s; first call with "
+          f"compile {compile_s:.2f} s; MFU {mfu(tokens / jax_s, per_token, peak):.2%})")
+    if reference is None:
+        return
     theirs = run_torch()[:, args.prompt_len:].numpy()
     agree = float((ours == theirs).mean())
-    jax_s = best_time(run_jax, args.repeats)
     torch_s = best_time(run_torch, args.repeats)
-    tokens = args.batch * new
-    print(f"model: {described}; batch {args.batch}, prompt {args.prompt_len}, {new} new tokens "
-          f"(greedy, fp32)")
-    print(f"jaxsftdpo     {tokens / jax_s:10.1f} new tokens/s  ({jax_s:.3f} s; first call with "
-          f"compile {compile_s:.2f} s)")
     print(f"transformers  {tokens / torch_s:10.1f} new tokens/s  ({torch_s:.3f} s)")
     print(f"ratio (jaxsftdpo / transformers): {torch_s / jax_s:.2f}x; "
           f"identical greedy tokens: {agree:.1%}")
@@ -134,7 +182,6 @@ def bench_memory(args):
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from jaxsftdpo import lora, sharding, steps
-    from jaxsftdpo.config import stage
     from jaxsftdpo.models import gpt2
 
     if jax.device_count() < most:
@@ -174,7 +221,7 @@ def bench_memory(args):
                 nnx.eval_shape(lambda: model(kind)), kind)
             trainable = abstract(trainable, mesh, gpt2.PARTITION_RULES)
             frozen = abstract(frozen, mesh, gpt2.PARTITION_RULES)
-            tx, _ = steps.make_optimizer(stage("sft", steps=10), 10)
+            tx, _ = steps.make_optimizer(ADAMW, 10)
             placed = steps.train_state_shardings(tx, trainable)  # as the trainer places it
             opt_state = jax.tree.map(
                 lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -202,24 +249,18 @@ def bench_memory(args):
 
 def bench_train(args):
     """Step time of SFT and DPO, full and LoRA, against PyTorch + transformers (+ peft)."""
-    import copy
-
     import jax
     import jax.numpy as jnp
-    import torch
-    import torch.nn.functional as F
-    from flax import nnx
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
     from jaxsftdpo import lora, steps
-    from jaxsftdpo.config import stage
     from jaxsftdpo.data import batching
+    from jaxsftdpo.flops import mfu
 
-    hf_config, described = reference_config(args)
+    shape, described = model_shape(args)
+    config = our_config(shape, args)
     rng = np.random.default_rng(0)
     b, t = args.batch, args.seq
-    ids = {side: rng.integers(0, hf_config.vocab_size, (b, t)).astype(np.int32)
+    ids = {side: rng.integers(0, config.vocab_size, (b, t)).astype(np.int32)
            for side in ("chosen", "rejected")}
     loss_mask = np.zeros((b, t), bool)
     loss_mask[:, t // 2:] = True           # the second half is the completion
@@ -227,15 +268,16 @@ def bench_train(args):
     # The trainer bounds the scored tokens per row from the data and runs the LM head there only.
     scored_tokens = batching.scored_tokens_bound([batching.Sequence(row, mask) for side in
                                                   ids.values() for row, mask in zip(side, loss_mask)])
-    optimizer_stage = stage("sft", steps=1000, learning_rate=1e-5)
-    lr, beta = optimizer_stage.learning_rate, 0.1
+    beta = 0.1
 
     def jax_step(kind, param, reference="frozen_copy"):
-        model = our_model(hf_config)
+        model = our_model(shape, args)
         if param == "lora":
             lora.apply_lora(model, r=args.lora_r, alpha=2.0 * args.lora_r)
         graphdef, trainable, frozen = lora.split_trainable(model, param)
-        tx, _ = steps.make_optimizer(optimizer_stage, 1000)
+        # Committed to the device as the step's outputs are, so its second call compiles nothing.
+        trainable, frozen = jax.device_put((trainable, frozen), jax.devices()[0])
+        tx, _ = steps.make_optimizer(ADAMW, 1000)
         state = steps.init_train_state(tx, trainable)
         dpo, ref = None, None
         if kind == "sft":
@@ -251,7 +293,8 @@ def bench_train(args):
                 batch["ref_rejected_logps"] = np.zeros(b, np.float32)
             else:
                 ref = jax.tree.map(jnp.copy, trainable)
-        batch = jax.tree.map(lambda x: jnp.asarray(x)[None], batch)   # one micro-batch
+        batch = jax.device_put(jax.tree.map(lambda x: x[None], batch),   # one micro-batch
+                               jax.devices()[0])
         step_fn = steps.make_train_step(kind, graphdef, tx, dpo, scored_tokens=scored_tokens)
         holder = {"state": state}
 
@@ -261,18 +304,25 @@ def bench_train(args):
         return run
 
     def torch_step(kind, param):
+        import copy
+
+        import torch
+        import torch.nn.functional as F
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(hf_config)
+        model = AutoModelForCausalLM.from_config(reference_config(shape))
         reference = None
         if param == "lora":
             model = get_peft_model(model, LoraConfig(
                 r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
-                **peft_targets(hf_config)))
+                **peft_targets(shape["model_type"])))
         elif kind == "dpo":
             reference = copy.deepcopy(model).eval().requires_grad_(False)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        opt = torch.optim.AdamW(params, lr=ADAMW.learning_rate, weight_decay=0.0)
         tids = {side: torch.from_numpy(v).long() for side, v in ids.items()}
         tmask = torch.from_numpy(loss_mask[:, 1:])
 
@@ -304,36 +354,124 @@ def bench_train(args):
             opt.zero_grad(set_to_none=True)
         return run
 
-    print(f"{described}, fp32; batch {b} (DPO: {b} pairs) x {t} tokens, AdamW; "
-          f"LoRA r={args.lora_r} on every linear layer; the second half of each row is the "
-          f"completion (jaxsftdpo's LM head runs at its {scored_tokens} positions, as the "
-          f"trainer does); best of {args.repeats} steps after a warm-up step; torch threads "
-          f"{torch.get_num_threads()}", flush=True)
+    per_token, peak, flops_line = flops_and_peak(config, t, training=True)
+    threads = ""
+    if args.reference:
+        import torch
+        threads = f"; torch threads {torch.get_num_threads()}"
+    print(f"{described}, {args.dtype} compute, attention {args.attention}; batch {b} (DPO: {b} "
+          f"pairs) x {t} tokens, AdamW; LoRA r={args.lora_r} on every linear layer; the second "
+          f"half of each row is the completion (jaxsftdpo's LM head runs at its {scored_tokens} "
+          f"positions, as the trainer does); best of {args.repeats} steps after a warm-up "
+          f"step{threads}", flush=True)
+    print(flops_line, flush=True)
     print(f"{'case':28s} {'jaxsftdpo s':>12s} {'torch s':>9s} {'speed-up':>9s} "
-          f"{'jax tokens/s':>13s}", flush=True)
+          f"{'jax tokens/s':>13s} {'MFU':>7s}", flush=True)
+
+    def time_jax(step):
+        step()                                       # compile
+        return best_time(step, args.repeats)
+
+    def time_torch(kind, param):
+        if not args.reference:
+            return None
+        theirs = torch_step(kind, param)
+        theirs()
+        return best_time(theirs, args.repeats)
+
+    def row(name, jax_s, tokens, torch_s=None):
+        versus = f"{torch_s:9.3f} {torch_s / jax_s:8.2f}x" if torch_s else f"{'':9s} {'':9s}"
+        return (f"{name:28s} {jax_s:12.3f} {versus} {tokens / jax_s:13.0f} "
+                f"{mfu(tokens / jax_s, per_token, peak):7.2%}")
+
     timed = {}
     for kind in args.kinds:
         tokens = b * t * (2 if kind == "dpo" else 1)
         for param in ("fft", "lora"):
-            ours = jax_step(kind, param)
-            ours()                                   # compile
-            jax_s = best_time(ours, args.repeats)
-            theirs = torch_step(kind, param)
-            theirs()
-            torch_s = best_time(theirs, args.repeats)
-            timed[kind, param] = jax_s
+            jax_s = timed[kind, param] = time_jax(jax_step(kind, param))
             name = f"{kind} {param}" + (" (frozen ref)" if kind == "dpo" else "")
-            print(f"{name:28s} {jax_s:12.3f} {torch_s:9.3f} {torch_s / jax_s:8.2f}x "
-                  f"{tokens / jax_s:13.0f}", flush=True)
-            if kind == "dpo":
-                pre = jax_step(kind, param, reference="precomputed")
-                pre()
-                pre_s = best_time(pre, args.repeats)
-                print(f"{f'dpo {param} (precomputed ref)':28s} {pre_s:12.3f} {'':9s} "
-                      f"{'':9s} {tokens / pre_s:13.0f}   frozen copy / precomputed: "
-                      f"{jax_s / pre_s:.2f}x", flush=True)
+            print(row(name, jax_s, tokens, time_torch(kind, param)), flush=True)
+            if kind == "dpo" and args.precomputed_ref:
+                pre_s = time_jax(jax_step(kind, param, reference="precomputed"))
+                print(row(f"dpo {param} (precomputed ref)", pre_s, tokens)
+                      + f"   frozen copy / precomputed: {jax_s / pre_s:.2f}x", flush=True)
         print(f"{kind}: LoRA step / full step = {timed[kind, 'lora'] / timed[kind, 'fft']:.2f}",
               flush=True)
+
+
+def bench_attention(args):
+    """One attention call, forward and backward, through each implementation of
+    `layers.attention`: their times and how far their outputs and gradients differ.
+
+    Rows are padded three ways in turn (none, a quarter on the left, a quarter on the right), so
+    some query rows attend to nothing; `--queries 1` is a decoding step against `--seq` keys.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from jaxsftdpo.models.layers import (attention_mask_for, einsum_attention, fused_attention,
+                                         head_scale)
+
+    b, s, t, d = args.batch, args.seq, args.queries or args.seq, args.head_dim
+    kv_heads = args.kv_heads or args.heads
+    dtype = jnp.dtype(args.dtype)
+    keys = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(keys[0], (b, args.heads, t, d), dtype)
+    k, v = (jax.random.normal(key, (b, kv_heads, s, d), dtype) for key in keys[1:3])
+    slots, pad = np.arange(s), s // 4
+    valid = np.stack([[slots >= 0, slots >= pad, slots < s - pad][row % 3] for row in range(b)])
+    mask = attention_mask_for(jnp.asarray(valid), t, s - t)
+    # A query row with nothing to attend (left padding) is never read downstream, so its
+    # cotangent is 0 in training; the two paths may give such rows different outputs.
+    attends = mask.any(-1)[:, None, :, None]
+    cotangent = jax.random.normal(keys[3], q.shape, dtype) * attends.astype(dtype)
+
+    def forward_backward(implementation):
+        def run(q, k, v):
+            out, vjp = jax.vjp(lambda q, k, v: implementation(q, k, v, mask, scale=head_scale(d)),
+                               q, k, v)
+            return (out, *vjp(cotangent))
+        return jax.jit(run)
+
+    print(f"attention forward + backward: batch {b}, {args.heads} query / {kv_heads} key-value "
+          f"heads of {d}, {t} queries x {s} keys, {args.dtype}; {jax.devices()[0].device_kind}; "
+          f"best of {args.repeats}")
+    outputs, seconds = {}, {}
+    for name, implementation in (("einsum", einsum_attention), ("fused", fused_attention)):
+        run = forward_backward(implementation)
+        cudnn = "__cudnn$fmha" in run.lower(q, k, v).compile().as_text()
+        outputs[name] = jax.block_until_ready(run(q, k, v))
+        seconds[name] = best_time(lambda: jax.block_until_ready(run(q, k, v)), args.repeats)
+        finite = all(bool(jnp.isfinite(x).all()) for x in outputs[name])
+        print(f"{name:7s} {seconds[name] * 1e3:9.3f} ms   all finite: {finite}"
+              f"{'   (cuDNN)' if cudnn else ''}", flush=True)
+    def relative(what, fused, einsum):
+        fused, einsum = fused.astype(jnp.float32), einsum.astype(jnp.float32)
+        if what == "out":  # rows with nothing to attend are left out
+            fused, einsum = fused * attends, einsum * attends
+        return f"{what} {float(jnp.max(jnp.abs(fused - einsum)) / jnp.max(jnp.abs(einsum))):.1e}"
+
+    differences = ", ".join(relative(*x) for x in zip(("out", "dq", "dk", "dv"),
+                                                      outputs["fused"], outputs["einsum"]))
+    print(f"einsum / fused time: {seconds['einsum'] / seconds['fused']:.2f}; largest "
+          f"|fused - einsum| / largest |einsum|, rows that attend: {differences}")
+
+
+def add_model_options(parser, gpt2_layers: int, width: int, heads: int):
+    """The model (`--shape`, its size), how it computes, and whether to run the reference."""
+    parser.add_argument("--shape", choices=["gpt2", "smollm2"], default="gpt2",
+                        help="gpt2: --layers/--width/--heads; smollm2: SmolLM2-135M's shapes")
+    parser.add_argument("--layers", type=int, default=None,
+                        help=f"default: the shape's (gpt2 {gpt2_layers}, smollm2 30)")
+    parser.add_argument("--width", type=int, default=width)
+    parser.add_argument("--heads", type=int, default=heads)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="compute dtype (parameters and optimizer state stay float32)")
+    parser.add_argument("--attention", choices=["auto", "einsum", "fused"], default="auto",
+                        help="layers.attention's implementation")
+    parser.add_argument("--no-reference", dest="reference", action="store_false",
+                        help="time jaxsftdpo alone: no torch, transformers or peft model")
+    parser.set_defaults(gpt2_layers=gpt2_layers)
 
 
 def main():
@@ -341,11 +479,7 @@ def main():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
     gen = sub.add_parser("generate", help="new tokens/s vs transformers greedy generation")
-    gen.add_argument("--shape", choices=["gpt2", "smollm2"], default="gpt2",
-                     help="gpt2: --layers/--width/--heads; smollm2: SmolLM2-135M's shapes")
-    gen.add_argument("--layers", type=int, default=6)
-    gen.add_argument("--width", type=int, default=256)
-    gen.add_argument("--heads", type=int, default=8)
+    add_model_options(gen, gpt2_layers=6, width=256, heads=8)
     gen.add_argument("--batch", type=int, default=8)
     gen.add_argument("--prompt-len", type=int, default=32)
     gen.add_argument("--new-tokens", type=int, default=128)
@@ -363,17 +497,25 @@ def main():
     mem.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8])
     mem.set_defaults(run=bench_memory)
     train = sub.add_parser("train", help="SFT/DPO x full/LoRA step time vs PyTorch + transformers")
-    train.add_argument("--shape", choices=["gpt2", "smollm2"], default="gpt2",
-                       help="gpt2: --layers/--width/--heads; smollm2: SmolLM2-135M's shapes")
-    train.add_argument("--layers", type=int, default=12)
-    train.add_argument("--width", type=int, default=768)
-    train.add_argument("--heads", type=int, default=12)
+    add_model_options(train, gpt2_layers=12, width=768, heads=12)
     train.add_argument("--batch", type=int, default=8)
     train.add_argument("--seq", type=int, default=128)
     train.add_argument("--lora-r", type=int, default=8)
     train.add_argument("--repeats", type=int, default=3)
     train.add_argument("--kinds", nargs="+", default=["sft", "dpo"], choices=["sft", "dpo"])
+    train.add_argument("--precomputed-ref", action=argparse.BooleanOptionalAction, default=True,
+                       help="also time DPO with precomputed reference log-probs")
     train.set_defaults(run=bench_train)
+    attn = sub.add_parser("attention", help="one attention layer: einsum vs fused path")
+    attn.add_argument("--batch", type=int, default=8)
+    attn.add_argument("--seq", type=int, default=128, help="keys")
+    attn.add_argument("--queries", type=int, default=None, help="default: --seq")
+    attn.add_argument("--heads", type=int, default=12)
+    attn.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
+    attn.add_argument("--head-dim", type=int, default=64)
+    attn.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    attn.add_argument("--repeats", type=int, default=5)
+    attn.set_defaults(run=bench_attention)
     args = parser.parse_args()
     args.run(args)
 

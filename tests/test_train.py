@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxsftdpo import checkpoint, lora, runs, sharding, stage_data, steps, tasks, trainer
+from jaxsftdpo import checkpoint, flops, lora, runs, sharding, stage_data, steps, tasks, trainer
 from jaxsftdpo.config import stage
 from jaxsftdpo.data import batching
 from testing import quickstart_config, tiny_config
@@ -209,3 +209,16 @@ def test_train_step_compiles_once_per_stage_and_bucket(tmp_path, monkeypatch):
     assert len(made) == 2
     assert [fn._cache_size() for fn in made] == [2, 2]
 
+
+# ---- speed metrics ----------------------------------------------------------------------------
+
+def test_metrics_report_model_flops_utilisation_against_the_configured_peak(tmp_path):
+    config = tiny_config(2, 1, **{"peak_flops": 1e12})
+    trainer.train_and_evaluate(config, tmp_path)
+    model_config = runs.build_run(config, task=False).model_config
+    buckets = batching.default_buckets(model_config.max_length)
+    for row in metrics(tmp_path):
+        assert row["flops_per_token"] in [flops.model_flops_per_token(model_config, length)
+                                          for length in buckets]
+        assert row["mfu"] == pytest.approx(row["tokens_per_s"] * row["flops_per_token"] / 1e12)
+        assert 0 < row["mfu"] < 1

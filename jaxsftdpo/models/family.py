@@ -23,6 +23,7 @@ class ModelConfig(Protocol):
     dtype: Any          # compute dtype
     param_dtype: Any    # storage dtype of the parameters
     remat: bool         # recompute each block in the backward pass
+    attention: str      # `layers.attention`'s implementation: "auto", "einsum" or "fused"
 
     @property
     def max_length(self) -> int: ...        # positions the model can take

@@ -18,7 +18,8 @@ from jax.sharding import PartitionSpec as P
 
 from jaxsftdpo.errors import UserError
 from jaxsftdpo.models.decoder import DecoderLM
-from jaxsftdpo.models.layers import (ACTIVATIONS, LayerNorm, Linear, attention, dropout, head_scale,
+from jaxsftdpo.models.layers import (ACTIVATIONS, LayerNorm, Linear, attention,
+                                     check_attention_setting, dropout, head_scale,
                                      linear_partition_rules, split_rng, write_cache)
 
 MODEL_TYPES = ("gpt2",)
@@ -54,8 +55,10 @@ class GPT2Config:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: bool = False   # recompute each block's activations in the backward pass (training)
+    attention: str = "auto"   # layers.attention's implementation: auto, einsum or fused
 
     def __post_init__(self):
+        check_attention_setting(self.attention)
         if self.activation_function not in ACTIVATIONS:
             raise UserError(f"GPT-2 activation_function {self.activation_function!r} is not "
                             f"supported; use one of {sorted(ACTIVATIONS)}")
@@ -104,7 +107,8 @@ class GPT2Config:
         return out
 
 
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat")  # how this process runs, not config.json
+# How this process runs, not config.json.
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention")
 
 
 class Attention(nnx.Module):
@@ -121,6 +125,7 @@ class Attention(nnx.Module):
         self.n_head = cfg.n_head
         self.attn_pdrop = cfg.attn_pdrop
         self.resid_pdrop = cfg.resid_pdrop
+        self.implementation = cfg.attention
 
     def __call__(self, x, mask, cache_kv, rng):
         """`cache_kv` is None, or this layer's `(keys, values, index)` to write k/v into."""
@@ -132,7 +137,7 @@ class Attention(nnx.Module):
         if cache_kv is not None:
             k, v = cache_kv = write_cache(cache_kv, k, v)
         y = attention(q, k, v, mask, scale=self.scale, dropout_rate=self.attn_pdrop,
-                      dropout_rng=rngs[1])
+                      dropout_rng=rngs[1], implementation=self.implementation)
         y = self.c_proj(y.transpose(0, 2, 1, 3).reshape(b, t, d), rngs[2])
         return dropout(y, self.resid_pdrop, rngs[3]), cache_kv
 

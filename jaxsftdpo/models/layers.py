@@ -12,11 +12,13 @@ import math
 from typing import NamedTuple
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from jaxsftdpo.errors import UserError
 
 ACTIVATIONS = {  # Hugging Face's `hidden_act` / `activation_function` names
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -120,16 +122,44 @@ def split_rng(rng: jax.Array | None, n: int) -> list:
     return [None] * n if rng is None else list(jax.random.split(rng, n))
 
 
+ATTENTION_SETTINGS = ("auto", "einsum", "fused")  # a model config's `attention`
+
+
+def check_attention_setting(setting: str) -> None:
+    if setting not in ATTENTION_SETTINGS:
+        raise UserError(f"attention {setting!r} is not supported; use one of "
+                        f"{list(ATTENTION_SETTINGS)}")
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
-              scale: float, dropout_rate: float = 0.0,
-              dropout_rng: jax.Array | None = None) -> jax.Array:
+              scale: float, dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None,
+              implementation: str = "auto") -> jax.Array:
     """Softmax attention. q `[B,H,T,D]`, k/v `[B,K,S,D]`, mask `[B,T,S]` bool (True = attend).
 
     Returns `[B,H,T,D]`. With K < H key/value heads (grouped-query attention) each group of
-    H / K consecutive query heads shares one key/value head, as in Hugging Face's
-    `repeat_kv`; the groups are an axis of the products, so k and v are never repeated.
-    Heads lead so both products are plain batched matmuls (XLA on CPU is several times slower
-    on the `[B,S,H,D]` layout during decoding).
+    H / K consecutive query heads shares one key/value head, as in Hugging Face's `repeat_kv`.
+
+    `implementation` (one of `ATTENTION_SETTINGS`) picks `einsum_attention` or
+    `fused_attention`; "auto" takes the fused one where cuDNN's flash attention takes the call
+    (`_cudnn_takes`) and the einsum one elsewhere, where `jax.nn.dot_product_attention` is the
+    same computation in XLA plus transposes into its layout. Only the einsum one has dropout on
+    the attention weights, so a call with that dropout active takes it whatever the setting.
+    """
+    fused = implementation == "fused" or (implementation == "auto" and _cudnn_takes(q, k))
+    if not fused or (dropout_rng is not None and dropout_rate > 0.0):
+        return einsum_attention(q, k, v, mask, scale=scale, dropout_rate=dropout_rate,
+                                dropout_rng=dropout_rng)
+    return fused_attention(q, k, v, mask, scale=scale)
+
+
+def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
+                     scale: float, dropout_rate: float = 0.0,
+                     dropout_rng: jax.Array | None = None) -> jax.Array:
+    """`attention` as two einsums with the mask in between.
+
+    The key/value groups are an axis of the products, so k and v are never repeated. Heads lead
+    so both products are plain batched matmuls (XLA on CPU is several times slower on the
+    `[B,S,H,D]` layout during decoding).
 
     Scores and softmax are in float32. A query row with nothing to attend (a left-padding
     position) gets uniform weights instead of NaN; its output is never used.
@@ -142,6 +172,36 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
     probs = jax.nn.softmax(scores, axis=-1)
     probs = dropout(probs, dropout_rate, dropout_rng).astype(v.dtype)
     return jnp.einsum("bkgts,bksd->bkgtd", probs, v).reshape(b, h, t, d)
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
+                    scale: float) -> jax.Array:
+    """`attention` through `jax.nn.dot_product_attention`, without dropout: cuDNN's flash
+    attention where it takes the call (`_cudnn_takes`), XLA's otherwise.
+
+    JAX leaves `implementation=None` to XLA (0.10: "currently falls back to xla"), so cuDNN is
+    asked for by name. The boolean mask goes in whole (cuDNN adds it as a bias), so padding on
+    either side, sliding windows and a KV cache's offset queries need nothing more. Masked
+    logits become one large finite negative number, so a query row with nothing to attend gets
+    uniform weights, as in `einsum_attention`.
+    """
+    def btnh(x):  # JAX's layout; in training XLA cancels these transposes with the callers'
+        return x.transpose(0, 2, 1, 3)
+
+    y = jax.nn.dot_product_attention(
+        btnh(q), btnh(k), btnh(v), mask=mask[:, None], scale=scale,
+        implementation="cudnn" if _cudnn_takes(q, k) else None)
+    return btnh(y)
+
+
+def _cudnn_takes(q: jax.Array, k: jax.Array) -> bool:
+    """What cuDNN's flash attention accepts (JAX checks it as it traces the call and raises
+    otherwise): an NVIDIA GPU, half precision, a head dim that is a multiple of 8 up to 128, and,
+    with a mask in training, even query and key lengths."""
+    _, _, t, d = q.shape
+    return ("cuda" in jax.extend.backend.get_backend().platform_version
+            and q.dtype in (jnp.bfloat16, jnp.float16) and d % 8 == 0 and d <= 128
+            and t % 2 == 0 and k.shape[2] % 2 == 0)
 
 
 def write_cache(cache_kv, k: jax.Array, v: jax.Array):

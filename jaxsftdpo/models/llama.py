@@ -24,8 +24,9 @@ from jax.sharding import PartitionSpec as P
 from jaxsftdpo.errors import UserError
 from jaxsftdpo.models.decoder import DecoderLM
 from jaxsftdpo.models.layers import (ACTIVATIONS, Linear, RMSNorm, apply_rotary, attention,
-                                     head_scale, linear_partition_rules, rotary_tables,
-                                     split_rng, write_cache)
+                                     check_attention_setting, head_scale,
+                                     linear_partition_rules, rotary_tables, split_rng,
+                                     write_cache)
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
@@ -64,9 +65,11 @@ class LlamaConfig:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: bool = False
+    attention: str = "auto"   # layers.attention's implementation: auto, einsum or fused
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        check_attention_setting(self.attention)
         if self.model_type not in MODEL_TYPES:
             raise UserError(f"model_type {self.model_type!r} is not a Llama-style family; use "
                             f"one of {MODEL_TYPES}")
@@ -165,7 +168,7 @@ class LlamaConfig:
         return out
 
 
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat")
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention")
 
 
 def _layer_types(hf: dict, model_type: str) -> list[str]:
@@ -217,6 +220,7 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(hd, **norm) if cfg.qk_norm else None
         self.heads, self.kv_heads, self.head_dim = h, kv, hd
         self.dropout_rate = cfg.attention_dropout
+        self.implementation = cfg.attention
 
     def __call__(self, x, mask, cache_kv, rng, rotary):
         """`cache_kv` is None, or this layer's `(keys, values, index)` to write k/v into."""
@@ -234,7 +238,8 @@ class Attention(nnx.Module):
         if cache_kv is not None:
             k, v = cache_kv = write_cache(cache_kv, k, v)
         y = attention(q, k, v, mask, scale=head_scale(self.head_dim),
-                      dropout_rate=self.dropout_rate, dropout_rng=rngs[3])
+                      dropout_rate=self.dropout_rate, dropout_rng=rngs[3],
+                      implementation=self.implementation)
         y = y.transpose(0, 2, 1, 3).reshape(b, t, self.heads * self.head_dim)
         return self.o_proj(y, rngs[4]), cache_kv
 

@@ -1,0 +1,107 @@
+"""Model FLOPs utilisation: model FLOPs per token, the peak FLOP/s of the devices, their ratio.
+
+    flops_per_token = model_flops_per_token(model_config, seq_len)
+    utilisation = mfu(tokens_per_s, flops_per_token, peak_flops())
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxsftdpo.models import FAMILIES
+from jaxsftdpo.models.layers import Linear
+
+# Dense bf16 peak FLOP/s of one chip, by the first key found in `device.device_kind`
+# ("TPU v5 lite", "NVIDIA H100 80GB HBM3", ...): more specific keys come first.
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,   # v5e
+    "TPU v5": 459e12,        # v5p ("TPU v5p" or "TPU v5")
+    "TPU v6 lite": 918e12,   # v6e, Trillium
+    "A100": 312e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,          # SXM
+    "H200": 989e12,
+}
+
+
+def model_flops_per_token(config, seq_len: int, *, training: bool = True) -> float:
+    """Model FLOPs per token of a `seq_len`-token sequence, PaLM's convention (appendix B).
+
+    The forward is 2N + 4LHQT: N counts the weights of every matmul a token goes through (each
+    `Linear` kernel and the LM head, tied or not; embedding lookups excluded), at 2 FLOPs per
+    multiply-add; 4LHQT is attention's QK^T and AV products, 2 * 2 * T * H * Q per layer, for L
+    layers, H query heads, head dim Q and T = `seq_len` keys (all T: not halved for the causal
+    mask, nor cut to a sliding window). Training counts forward + backward as three forwards:
+    6N + 12LHQT.
+
+    It is the model's count, not the hardware's: a LoRA run has the same model FLOPs as full
+    fine-tuning (its frozen kernels need no weight gradient, so it computes less), recomputed
+    activations are not counted, and neither is a DPO frozen reference's forward. Every token
+    counts the LM head, though the train step runs it only where tokens are scored.
+    """
+    passes = 3 if training else 1
+    attention = 2 * 2 * config.num_layers * config.num_heads * config.head_dim * seq_len
+    return passes * (2 * matmul_weights(config) + attention)
+
+
+@functools.cache  # configs are frozen dataclasses
+def matmul_weights(config) -> int:
+    """N: the weights a token is multiplied by, from the shapes of an abstract model of `config`
+    (nothing allocated): every `Linear` kernel, and the output embedding."""
+    family = next(f for f in FAMILIES.values() if isinstance(config, f.Config))
+
+    def shapes():
+        model = family.build(config)
+        kernels = [m.kernel[...] for _, m in nnx.iter_graph(model) if isinstance(m, Linear)]
+        return kernels, model.head_weight()
+
+    kernels, head = jax.eval_shape(shapes)
+    return sum(math.prod(k.shape) for k in kernels) + math.prod(head.shape)
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak: float) -> float:
+    """Model FLOPs utilisation: the model FLOP/s achieved over the `peak` FLOP/s available."""
+    return tokens_per_s * flops_per_token / peak
+
+
+def device_peak_flops(override: float = 0.0) -> float:
+    """Peak FLOP/s of one device: `override` when > 0; the table's dense bf16 peak for a known
+    accelerator; otherwise (CPU, an unknown chip) the measured rate of a float32 matmul."""
+    if override > 0:
+        return override
+    kind = jax.devices()[0].device_kind
+    for key, peak in PEAK_FLOPS.items():
+        if key in kind:
+            return peak
+    return measured_matmul_flops()
+
+
+def peak_flops(override: float = 0.0) -> float:
+    """Peak FLOP/s of all the devices a run computes on, every process's: `device_peak_flops`
+    times the device count, except on CPU, whose devices (however many
+    `--xla_force_host_platform_device_count` makes) share the process's cores, which the
+    measured rate already counts."""
+    devices = 1 if jax.default_backend() == "cpu" else jax.device_count()
+    return device_peak_flops(override) * devices
+
+
+@functools.cache
+def measured_matmul_flops(size: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of a jitted `size` x `size` float32 matmul on the default device, best of
+    `repeats`."""
+    a = jnp.ones((size, size), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, a).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
