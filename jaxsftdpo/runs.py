@@ -27,7 +27,7 @@ from flax import nnx
 
 from jaxsftdpo import checkpoint as ckpt
 from jaxsftdpo import lora, sharding
-from jaxsftdpo.config import base_config, stage, validate
+from jaxsftdpo.config import base_config, describe_differences, stage, validate
 from jaxsftdpo.data.tokenizer import load_tokenizer
 from jaxsftdpo.errors import UserError
 from jaxsftdpo.models import FAMILIES, from_pretrained, load_config
@@ -295,6 +295,13 @@ def read_config(workdir) -> mlc.ConfigDict:
     _merge(config, data)
     config.lock()
     return config
+
+
+def config_changes(workdir, config: mlc.ConfigDict) -> str:
+    """How `config` differs from the one the run in `workdir` saved ('' when it does not); a
+    key added to jaxsftdpo since the run was saved counts as its default value."""
+    saved = json.loads(read_config(workdir).to_json_best_effort())
+    return describe_differences(saved, json.loads(config.to_json_best_effort()))
 
 
 def checkpoint_steps(workdir) -> list[int]:

@@ -54,11 +54,10 @@ import jax
 import ml_collections as mlc
 from tqdm import tqdm
 
-from jaxsftdpo.config import describe_differences
 from jaxsftdpo import study_report
 from jaxsftdpo.cli import exit_on_error
 from jaxsftdpo.errors import Diverged, Stopped, UserError, one_line
-from jaxsftdpo.runs import DIVERGED_FILE, RESULTS_FILE
+from jaxsftdpo.runs import CONFIG_FILE, DIVERGED_FILE, RESULTS_FILE, config_changes
 from jaxsftdpo.trainer import train_and_evaluate
 
 GRID_KEYS = {"name", "cells", "seeds", "seed_keys", "overrides", "metric", "compare", "n_boot",
@@ -321,9 +320,7 @@ def run_grid(grid: Grid, workdir, *, seeds: int | None = None, train_fn=None, af
 
 def _check_same_config(out: Path, config, cell: Cell, seed: int):
     """A finished run is reused only if the grid still asks for the very same config."""
-    saved = out / "config.json"
-    changed = saved.exists() and describe_differences(json.loads(saved.read_text()),
-                                                      json.loads(config.to_json_best_effort()))
+    changed = (out / CONFIG_FILE).exists() and config_changes(out, config)
     if changed:
         raise UserError(f"cell {cell.name} seed {seed}: {out} ended with a different config "
                         f"than the grid now gives ({changed}); use a new --workdir or delete "

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from jaxsftdpo import checkpoint as ckpt
 from jaxsftdpo import flops, lock, lora, runs, sharding, stage_data, steps
-from jaxsftdpo.config import describe_differences, validate
+from jaxsftdpo.config import validate
 from jaxsftdpo.data import batching
 from jaxsftdpo.errors import Diverged, Stopped, UserError
 from jaxsftdpo.reporting import MetricsWriter, plot_losses, results_table, write_atomically
@@ -68,10 +68,9 @@ def _check_workdir(workdir: Path, config):
     if not saved.exists():
         return
     try:
-        before = json.loads(saved.read_text())
-    except (OSError, ValueError) as e:
+        changed = runs.config_changes(workdir, config)
+    except OSError as e:
         raise UserError(f"{saved} cannot be read ({e}); use a new --workdir") from e
-    changed = describe_differences(before, json.loads(config.to_json_best_effort()))
     if changed:
         raise UserError(f"{workdir} holds a run with a different config ({changed}); use a new "
                         f"--workdir, or the same config to resume that run")

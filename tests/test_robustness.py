@@ -49,7 +49,7 @@ def final_params(config, workdir):
 
 def metric_rows(workdir):
     rows = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").open()]
-    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu")} for r in rows]
 
 
 def truncate_largest(directory: Path) -> None:
@@ -268,6 +268,21 @@ def test_a_rerun_says_where_it_resumes(tmp_path, capsys):
                           (0, "step 7 (stage 2: dpo, epoch 1)")):
         trainer.train_and_evaluate(config, tmp_path, stop_after_steps=budget)
         assert capsys.readouterr().out.splitlines()[0] == f"resuming {tmp_path} from {where}"
+
+
+def test_a_run_saved_before_a_key_existed_resumes_with_its_default(tmp_path, capsys):
+    config = small(4)
+    trainer.train_and_evaluate(config, tmp_path, stop_after_steps=2)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["peak_flops"], saved["dpo"]["reference_path"]  # keys added after some runs
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    capsys.readouterr()
+    trainer.train_and_evaluate(config, tmp_path)
+    assert capsys.readouterr().out.startswith(f"resuming {tmp_path} from step 2")
+    changed = dict(saved, seed=7)
+    (tmp_path / "config.json").write_text(json.dumps(changed))
+    with pytest.raises(UserError, match=r"different config \(seed: 7 -> 0\)"):
+        trainer.train_and_evaluate(config, tmp_path)
 
 
 def snapshot(directory):
