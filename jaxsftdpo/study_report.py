@@ -12,7 +12,8 @@
   timing, so an interrupted-and-resumed study draws the same table as an uninterrupted one.
 - `grid.png` (metric by schedule and parameterization, error bars = std over seeds, one panel
   per other label combination), `curves.png` (dev metric over cumulative epochs from the runs'
-  `eval/*` rows, FFT vs LoRA), `dpo_rewards.png` (reward margins and accuracies over DPO steps),
+  `eval/*` rows, FFT vs LoRA), `loss_curves.png` (training loss over steps, FFT vs LoRA),
+  `dpo_rewards.png` (reward margins and accuracies over DPO steps),
   `chrf_temperature.png` (chrF against sampling temperature, from cells labelled with a
   `temperature` or runs that scored `chrf_T{t}`), `wall_clock.png` (seconds per cell).
 """
@@ -48,6 +49,7 @@ def write_report(grid, records: list[dict], workdir) -> None:
     if done:
         plot_grid(grid, done, workdir / "grid.png")
         plot_curves(grid, done, workdir / "curves.png")
+        plot_loss_curves(grid, done, workdir / "loss_curves.png")
         plot_dpo_rewards(grid, done, workdir / "dpo_rewards.png")
         plot_chrf_temperature(grid, done, workdir / "chrf_temperature.png")
         plot_wall_clock(grid, done, workdir / "wall_clock.png")
@@ -325,22 +327,44 @@ def _runs_of(records, cell):
     return [r for r in records if r["cell"] == cell.name]
 
 
+def loss_curve(record) -> list[tuple[float, float]]:
+    """`(step, training loss)` of one run's logged steps (SFT's NLL, then DPO's loss)."""
+    rows = [r for r in read_metrics(Path(record["workdir"]) / "metrics.jsonl") if "loss" in r]
+    return sorted((r["step"], r["loss"]) for r in _dedupe(rows, lambda r: r["step"]))
+
+
 def plot_curves(grid, records, path: Path) -> None:
-    """Dev metric over cumulative epochs, mean ± std over seeds; one panel per schedule, FFT
-    and LoRA cells as lines (only the largest data scale when cells carry a `scale` label)."""
+    """Dev metric over cumulative epochs, mean ± std over seeds (`_plot_cell_curves`)."""
     metric = grid.metric
+    _plot_cell_curves(grid, records, path, lambda r: eval_curve(r, metric),
+                      "epoch (cumulative over stages)",
+                      f"dev {metric}" + (" (%)" if metric in PERCENT else ""),
+                      100.0 if metric in PERCENT else 1.0)
+
+
+def plot_loss_curves(grid, records, path: Path) -> None:
+    """Training loss over optimizer steps, mean ± std over seeds (`_plot_cell_curves`): FFT
+    against LoRA where no dev curve was logged during training."""
+    _plot_cell_curves(grid, records, path, loss_curve, "optimizer step",
+                      "training loss (SFT NLL, DPO loss)", 1.0)
+
+
+def _plot_cell_curves(grid, records, path: Path, curve_of, xlabel: str, ylabel: str,
+                      k: float) -> None:
+    """`curve_of(run record)` as lines, one panel per schedule, FFT and LoRA cells as lines
+    (only the largest data scale when cells carry a `scale` label); nothing when no run has a
+    curve of two points."""
     cells = list(grid.cells)
     scales = [c.labels["scale"] for c in cells if "scale" in c.labels]
     if scales:
         cells = [c for c in cells if c.labels.get("scale") == max(scales)]
     panels = _ordered(c.labels.get("schedule", "") for c in cells)
-    curves = {c.name: [eval_curve(r, metric) for r in _runs_of(records, c)] for c in cells}
+    curves = {c.name: [curve_of(r) for r in _runs_of(records, c)] for c in cells}
     if not any(any(len(k) > 1 for k in v) for v in curves.values()):
         return
     plt = _plt()
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False,
                              sharey=True)
-    k = 100.0 if metric in PERCENT else 1.0
     for ax, panel in zip(axes[0], panels):
         for c in cells:
             if c.labels.get("schedule", "") != panel or not curves[c.name]:
@@ -352,11 +376,11 @@ def plot_curves(grid, records, path: Path) -> None:
             ax.plot(xs, k * ys, marker=".", color=color, label=rest or c.name)
             ax.fill_between(xs, k * (ys - es), k * (ys + es), color=color, alpha=0.15)
         ax.set_title(str(panel) or grid.name)
-        ax.set_xlabel("epoch (cumulative over stages)")
+        ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    axes[0][0].set_ylabel(f"dev {metric}" + (" (%)" if metric in PERCENT else ""))
+    axes[0][0].set_ylabel(ylabel)
     _save(fig, path)
 
 

@@ -35,7 +35,7 @@ def get_grid():
              "compare": [("lora", "fft")]}}
 '''
 
-PNGS = ("grid.png", "curves.png", "dpo_rewards.png", "wall_clock.png")
+PNGS = ("grid.png", "curves.png", "loss_curves.png", "dpo_rewards.png", "wall_clock.png")
 
 
 pytestmark = pytest.mark.usefixtures("compilation_cache")  # conftest.py

@@ -109,6 +109,8 @@ def get_grid(arg: str = ""):
                 for p in s["params"] if p != "fft"]
     compare += [(f"{sch}-{p}-{largest}", f"{sch}-{p}-{x}") for sch in s["schedules"]
                 for p in s["params"] for x in s["scales"] if x != largest]
+    compare += [(f"{sch}-{p}-{largest}", "zero_shot") for sch in s["schedules"]
+                for p in s["params"]]
     return {"name": f"paraphrase on SmolLM2-135M ({size})",
             "description": "SFT / DPO / SFT → DPO at equal depth × FFT vs LoRA × data scale on "
                            "SmolLM2-135M-Instruct; dev accuracy and macro F1.",

@@ -80,6 +80,7 @@ def get_grid(arg: str = ""):
                for v in ("one_sample", "worst_of_k")]
     compare += [(f"{c}-lora8", f"{c}-fft") for c in ("sft", "sft_dpo-one_sample",
                                                      "sft_dpo-worst_of_k")]
+    compare += [(cell["name"], "zero_shot") for cell in cells[1:]]
     return {"name": f"sonnets on SmolLM2-135M ({size})",
             "description": "SFT vs SFT → DPO (two pairing variants) × FFT vs LoRA on "
                            "SmolLM2-135M-Instruct; dev chrF (corpus-level, mean over sampling "
