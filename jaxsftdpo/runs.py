@@ -326,12 +326,10 @@ def pick_step(workdir, step: int | None = None) -> int:
     return step
 
 
-def run_tokenizer(workdir: Path, config):
-    """The tokenizer the trainer saved in the workdir, else the config's."""
+def saved_tokenizer(workdir: Path):
+    """The tokenizer the trainer saved in the workdir, or None (then the config's is used)."""
     saved = workdir / TOKENIZER_DIR
-    if saved.is_dir() and any(saved.iterdir()):
-        return load_tokenizer(str(saved))
-    return load_tokenizer(config.model.tokenizer or config.model.name_or_path)
+    return load_tokenizer(str(saved)) if saved.is_dir() and any(saved.iterdir()) else None
 
 
 def _mesh(config, devices):
@@ -380,7 +378,7 @@ def load_run(workdir, step: int | None = None, *, devices=None, task: bool = Fal
     except UserError as e:
         raise UserError(f"{workdir / CONFIG_FILE}: {e}") from e
     run = build_run(config, mesh=_mesh(config, devices),
-                    tokenizer=run_tokenizer(workdir, config), task=task, reference=reference)
+                    tokenizer=saved_tokenizer(workdir), task=task, reference=reference)
     run.step, run.trainable, run.position = _restore(workdir, step, run.initial)
     run.workdir = workdir
     return run

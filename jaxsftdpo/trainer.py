@@ -424,8 +424,7 @@ class _Training:
         every, stage_step = self.config.eval_every, self.position.stage_step
         due = stage_step % every == 0 if every else stage_step % st.steps_per_epoch == 0
         if due:
-            scores = self.run.task.evaluate(self.run.policy(st.state.trainable),
-                                            self.config.data.eval_batch_size).scores
+            scores = self._evaluation(st.state.trainable).scores
             self.writer.write({**self._where(st), **{f"eval/{k}": v for k, v in scores.items()}})
 
     def _checkpoint_if_due(self, st: _Stage) -> None:
@@ -461,9 +460,13 @@ class _Training:
             raise _StopRequested
 
     def _evaluate(self, after: str) -> None:
-        self.evaluation = self.run.task.evaluate(self.run.policy(),
-                                                 self.config.data.eval_batch_size)
+        self.evaluation = self._evaluation()
         self.position.evals.append({"after": after, **self.evaluation.scores})
+
+    def _evaluation(self, trainable=None):
+        """The task's evaluation of the run's policy (with `trainable`, of those weights)."""
+        return self.run.task.evaluate(self.run.policy(trainable),
+                                      self.config.data.eval_batch_size)
 
     # -- endings --
 
@@ -486,7 +489,7 @@ class _Training:
                    "total_params": trainable + lora.count_params(run.frozen)}
         if self.is_main:
             if self.evaluation is None:  # resumed after the last stage had finished
-                self.evaluation = run.task.evaluate(run.policy(), self.config.data.eval_batch_size)
+                self.evaluation = self._evaluation()
             run.task.write_predictions(self.evaluation, self.workdir, run.policy(),
                                        self.config.data.eval_batch_size)
             write_atomically(self.workdir / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
