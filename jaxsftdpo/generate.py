@@ -3,11 +3,15 @@
 The prompt is prefilled in one call, then the whole decode loop runs inside one `jax.jit` as a
 `lax.while_loop` that stops when every sequence has emitted `eos_token_id`. Prompts are re-padded
 on the left to a multiple of `prompt_bucket`, so prompts of nearby lengths share a compile.
+
+A float32 model's greedy decoding reads the LM head, most of a small model's bytes, in bfloat16
+and checks the winner in float32 (`CheckedHead`): the tokens are float32 greedy's.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,12 +24,15 @@ from jaxsftdpo.models.layers import default_position_ids
 
 def generate(model: nnx.Module, input_ids, attention_mask=None, *, max_new_tokens: int,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             eos_token_id: int | None = None, seed: int = 0, prompt_bucket: int = 64):
+             eos_token_id: int | None = None, seed: int = 0, prompt_bucket: int = 64,
+             checked_head: bool = True):
     """New tokens `[batch, max_new_tokens]` (int32 numpy) continuing each prompt.
 
     Prompts may be padded on either side (`attention_mask` marks real tokens). Greedy when
     `temperature` is 0. After a sequence emits `eos_token_id` the rest of its row is
-    `eos_token_id`. The same `seed` gives the same samples.
+    `eos_token_id`. The same `seed` gives the same samples. `checked_head=False` makes a
+    float32 model's greedy decoding compute every logit in float32 (`CheckedHead` explains the
+    default; the tokens are the same).
     """
     ids, mask = _left_pad(np.asarray(input_ids), attention_mask, prompt_bucket,
                           pad_id=0 if eos_token_id is None else eos_token_id)
@@ -37,7 +44,8 @@ def generate(model: nnx.Module, input_ids, attention_mask=None, *, max_new_token
         jnp.float32(temperature if not greedy else 1.0),
         jnp.float32(1.0 if top_p is None else top_p), jax.random.key(seed),
         max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k, use_top_p=top_p is not None,
-        eos_token_id=eos_token_id)
+        eos_token_id=eos_token_id,
+        checked=checked_head and greedy and jnp.dtype(model.config.dtype) == jnp.float32)
     return np.asarray(tokens)
 
 
@@ -104,6 +112,62 @@ def first_argmax(logits):
     return jnp.minimum(index, vocab - 1)  # a row of NaNs matches nothing; keep the id valid
 
 
+class CheckedHead(NamedTuple):
+    """A float32 LM head `[vocab, d]` with a bfloat16 copy that greedy decoding reads instead.
+
+    On CPUs with bfloat16 matrix units XLA multiplies bfloat16 operands into float32 several
+    times faster than float32 ones, and the head is most of what a small model reads per token.
+    `greedy_token` ranks the vocabulary with the copy, recomputes the best `CANDIDATES` in
+    float32, and keeps that winner only where a bound on the copy's error proves that no other
+    token can beat it; otherwise that step computes every logit in float32. Either way the
+    token is float32 greedy's (up to the summation order of float32 products, as between any
+    two float32 implementations).
+    """
+
+    weight: jax.Array          # [V, d] float32
+    low: jax.Array             # [V, d] bfloat16
+    weight_norm: jax.Array     # max over rows of |w_i|
+    rounding_norm: jax.Array   # max over rows of |w_i - low_i|
+
+    CANDIDATES = 16
+
+    @classmethod
+    def of(cls, weight: jax.Array) -> "CheckedHead":
+        low = weight.astype(jnp.bfloat16)
+        row_norm = lambda w: jnp.sqrt(jnp.max(jnp.sum(jnp.square(w), axis=-1)))
+        return cls(weight, low, row_norm(weight), row_norm(weight - low.astype(weight.dtype)))
+
+
+def greedy_token(hidden: jax.Array, head: CheckedHead, logits) -> jax.Array:
+    """float32 greedy's next token `[B]` for final hidden states `[B, d]` (`CheckedHead`);
+    `logits(hidden)` gives every float32 logit, for the steps the bound does not settle.
+
+    For each row, |x.w_i - bf16(x).bf16(w_i)| <= |x - bf16(x)| max|w_i| + |bf16(x)| max|w_i -
+    bf16(w_i)| + the float32 accumulation's d 2^-24 |bf16(x)| max|bf16(w_i)| (Cauchy-Schwarz),
+    call it eps. A token outside the candidates has float32 logit <= (the last candidate's
+    approximate logit) + eps; when the best candidate's float32 logit is above that, it wins.
+    """
+    x = hidden.astype(jnp.float32)
+    x_low = x.astype(jnp.bfloat16)
+    approx = jax.lax.dot_general(x_low, head.low, (((1,), (1,)), ((), ())),
+                                 preferred_element_type=jnp.float32)
+    vocab = head.weight.shape[0]
+    top, candidates = jax.lax.top_k(approx, min(CheckedHead.CANDIDATES, vocab))
+    exact = jnp.einsum("bd,bkd->bk", x, head.weight[candidates])
+    best = exact.max(-1)
+    x_low32 = x_low.astype(jnp.float32)
+    low_norm = jnp.linalg.norm(x_low32, axis=-1)
+    accumulation = x.shape[-1] * 2.0 ** -24 * (head.weight_norm + head.rounding_norm)
+    eps = (jnp.linalg.norm(x - x_low32, axis=-1) * head.weight_norm
+           + low_norm * (head.rounding_norm + accumulation))
+    # min, not top[:, -1]: XLA rewrites a sort sliced from 0 into its fast TopK, and
+    # `[:, -1]` would fold into that slice and leave a sort of the whole vocabulary.
+    proven = jnp.all(best > top.min(-1) + eps)
+    token = jnp.min(jnp.where(exact == best[:, None], candidates, vocab), axis=-1)
+    return jax.lax.cond(proven, lambda: token.astype(jnp.int32),
+                        lambda: first_argmax(logits(hidden)))
+
+
 def sample_token(logits, key, temperature, top_p, *, greedy: bool, top_k, use_top_p: bool):
     if greedy:
         return first_argmax(logits)
@@ -113,36 +177,41 @@ def sample_token(logits, key, temperature, top_p, *, greedy: bool, top_k, use_to
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k",
-                                             "use_top_p", "eos_token_id"))
+                                             "use_top_p", "eos_token_id", "checked"))
 def _generate_jit(graphdef, state, ids, mask, temperature, top_p, key, *, max_new_tokens, greedy,
-                  top_k, use_top_p, eos_token_id):
+                  top_k, use_top_p, eos_token_id, checked):
     model = nnx.merge(graphdef, state)
     batch, width = ids.shape
     positions = default_position_ids(mask)
     cache = model.init_cache(batch, width + max_new_tokens)
-    # Prompts are left-padded: only the last position's logits are needed.
+    # Prompts are left-padded: only the last position's hidden state is needed.
     last = jnp.full((batch, 1), width - 1, jnp.int32)
-    logits, cache = model.decode(ids, positions, mask, cache, logits_at=last)
+    hidden, cache = model.decode(ids, positions, mask, cache, logits_at=last, head=False)
     eos = -1 if eos_token_id is None else eos_token_id
     fill = 0 if eos_token_id is None else eos_token_id
-    sample = functools.partial(sample_token, temperature=temperature, top_p=top_p, greedy=greedy,
-                               top_k=top_k, use_top_p=use_top_p)
+    if checked:
+        head = CheckedHead.of(model.head_weight().astype(jnp.float32))
+        pick = lambda hidden, key: greedy_token(hidden, head, model.logits)
+    else:
+        pick = lambda hidden, key: sample_token(
+            model.logits(hidden), key, temperature, top_p, greedy=greedy, top_k=top_k,
+            use_top_p=use_top_p)
 
     def not_finished(carry):
         step, _, _, _, done, _ = carry
         return (step < max_new_tokens) & ~jnp.all(done)
 
     def step_fn(carry):
-        step, last_logits, cache, next_pos, done, out = carry
-        token = sample(last_logits, jax.random.fold_in(key, step))
+        step, last_hidden, cache, next_pos, done, out = carry
+        token = pick(last_hidden, jax.random.fold_in(key, step))
         token = jnp.where(done, fill, token)
         out = out.at[:, step].set(token)
         done = done | (token == eos)
-        logits, cache = model.decode(token[:, None], next_pos[:, None],
-                                     jnp.ones((batch, 1), bool), cache)
-        return step + 1, logits[:, -1], cache, next_pos + 1, done, out
+        hidden, cache = model.decode(token[:, None], next_pos[:, None],
+                                     jnp.ones((batch, 1), bool), cache, head=False)
+        return step + 1, hidden[:, -1], cache, next_pos + 1, done, out
 
     out = jnp.full((batch, max_new_tokens), fill, jnp.int32)
-    carry = (jnp.int32(0), logits[:, -1], cache, positions[:, -1] + 1,
+    carry = (jnp.int32(0), hidden[:, -1], cache, positions[:, -1] + 1,
              jnp.zeros((batch,), bool), out)
     return jax.lax.while_loop(not_finished, step_fn, carry)[-1]

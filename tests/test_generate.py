@@ -1,5 +1,6 @@
 """Generation: greedy parity with transformers, eos padding, seeded sampling, top-k/top-p sets."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -139,3 +140,58 @@ def test_first_argmax_is_argmax_with_ties_to_the_first():
     logits = np.random.default_rng(0).normal(size=(16, 50)).astype(np.float32)
     logits[3, [7, 20]] = 10.0          # a tie: the first index wins, as in jnp.argmax
     np.testing.assert_array_equal(gen.first_argmax(logits), np.argmax(logits, -1))
+
+
+def greedy_cases(seed=0, rows=64, vocab=500, width=48):
+    """Hidden states and a float32 head whose best logits the bfloat16 copy cannot tell apart:
+    some rows equal in bfloat16 but not in float32, some exactly equal (ties)."""
+    rng = np.random.default_rng(seed)
+    head = rng.normal(0, 0.3, (vocab, width)).astype(np.float32)
+    hidden = rng.normal(0, 1, (rows, width)).astype(np.float32)
+    winners = np.argmax(hidden @ head.T, -1)
+    for row, winner in enumerate(winners[:8]):
+        twin = (winner + 1 + row) % vocab
+        head[twin] = head[winner] * (1 + 2.0 ** -12)      # the same in bfloat16, larger in fp32
+        if row % 2:
+            head[twin] = head[winner]                      # an exact tie: the lower id wins
+    return hidden, head
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_checked_bfloat16_head_gives_float32_greedy_tokens(seed):
+    hidden, head = greedy_cases(seed)
+    logits = lambda h: h @ jnp.asarray(head).T
+    tokens = gen.greedy_token(jnp.asarray(hidden), gen.CheckedHead.of(jnp.asarray(head)), logits)
+    np.testing.assert_array_equal(tokens, gen.first_argmax(hidden @ head.T))
+
+
+def test_checked_head_finds_a_winner_the_bfloat16_ranking_leaves_out():
+    # Rows 0-19 and the winner, row 20, are one row in bfloat16, so the copy's 16 candidates
+    # can all be copies, whose float32 logits beat every approximate one; only the error bound
+    # tells that a token left out may still be better.
+    rng = np.random.default_rng(0)
+    base = np.asarray(jnp.asarray(rng.normal(size=32), jnp.bfloat16), np.float32)
+    head = rng.normal(0, 0.01, (100, 32)).astype(np.float32)
+    head[:20] = base
+    head[20] = base * (1 + 2.0 ** -11)
+    hidden = base[None] * (1 + 2.0 ** -12)    # rounds to `base` in bfloat16 too
+    tokens = gen.greedy_token(jnp.asarray(hidden), gen.CheckedHead.of(jnp.asarray(head)),
+                              lambda h: h @ jnp.asarray(head).T)
+    np.testing.assert_array_equal(tokens, [20])
+
+
+def test_checked_head_falls_back_when_the_bound_cannot_decide():
+    # Every row of the head the same: every logit ties, no candidate set is provably complete.
+    head = np.tile(np.random.default_rng(0).normal(size=(1, 16)), (40, 1)).astype(np.float32)
+    hidden = np.random.default_rng(1).normal(size=(3, 16)).astype(np.float32)
+    tokens = gen.greedy_token(jnp.asarray(hidden), gen.CheckedHead.of(jnp.asarray(head)),
+                              lambda h: h @ jnp.asarray(head).T)
+    np.testing.assert_array_equal(tokens, [0, 0, 0])
+
+
+def test_checked_head_and_float32_head_generate_the_same_tokens(models):
+    _, model = models
+    ids, mask = left_padded_prompts([5, 9, 3, 12])
+    np.testing.assert_array_equal(
+        gen.generate(model, ids, mask, max_new_tokens=24),
+        gen.generate(model, ids, mask, max_new_tokens=24, checked_head=False))

@@ -53,20 +53,29 @@ class DecoderLM(nnx.Module):
         return KVCache.create(layers=c.num_layers, batch=batch, length=length,
                               heads=c.num_kv_heads, head_dim=c.head_dim, dtype=c.dtype)
 
-    def decode(self, input_ids, position_ids, valid, cache: KVCache, logits_at=None):
+    def decode(self, input_ids, position_ids, valid, cache: KVCache, logits_at=None, *,
+               head: bool = True):
         """Run `input_ids` `[B,T]` at cache slots `cache.index ...`; `valid` marks real tokens.
 
         Returns float32 logits `[B,T,vocab]` (`[B,K,vocab]` at `logits_at` `[B,K]`, as in
-        `__call__`) and the cache with these tokens appended.
+        `__call__`), or without the `head` the final hidden states `[B,T,d]` that `logits`
+        maps to them, and the cache with these tokens appended.
         """
         t = input_ids.shape[1]
         slots_valid = jax.lax.dynamic_update_slice(cache.valid, valid.astype(bool),
                                                    (0, cache.index))
-        logits, (keys, values) = self._forward(input_ids, position_ids, slots_valid,
-                                               cache.index, cache, None, logits_at)
-        return logits, KVCache(keys, values, slots_valid, cache.index + t)
+        out, (keys, values) = self._forward(input_ids, position_ids, slots_valid,
+                                            cache.index, cache, None, logits_at, head)
+        return out, KVCache(keys, values, slots_valid, cache.index + t)
 
-    def _forward(self, input_ids, position_ids, valid_keys, offset, cache, rng, logits_at):
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """float32 logits of final hidden states `[..., d]` (what `decode(head=False)` gives)."""
+        c = self.config
+        head = self.head_weight().astype(c.dtype)
+        return project(hidden.astype(c.dtype), head, transposed=True).astype(jnp.float32)
+
+    def _forward(self, input_ids, position_ids, valid_keys, offset, cache, rng, logits_at,
+                 head=True):
         c = self.config
         rngs = split_rng(rng, c.num_layers + 1)
         x = self.embed(input_ids, position_ids, rngs[-1])
@@ -88,9 +97,7 @@ class DecoderLM(nnx.Module):
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
         x = self.final_norm(x)
-        head = self.head_weight().astype(c.dtype)
-        logits = project(x.astype(c.dtype), head, transposed=True).astype(jnp.float32)
-        return logits, (tuple(keys), tuple(values))
+        return (self.logits(x) if head else x), (tuple(keys), tuple(values))
 
 
 @nnx.remat

@@ -58,8 +58,15 @@ class LanguageModel(Protocol):
     def init_cache(self, batch: int, length: int) -> KVCache: ...
 
     def decode(self, input_ids: jax.Array, position_ids: jax.Array, valid: jax.Array,
-               cache: KVCache, logits_at: jax.Array | None = None
-               ) -> tuple[jax.Array, KVCache]: ...
+               cache: KVCache, logits_at: jax.Array | None = None, *, head: bool = True
+               ) -> tuple[jax.Array, KVCache]:
+        """Logits (or, without the `head`, final hidden states) and the extended cache."""
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """float32 logits of final hidden states."""
+
+    def head_weight(self) -> jax.Array:
+        """The output embedding `[vocab, d]`."""
 
 
 class ModelFamily(Protocol):
