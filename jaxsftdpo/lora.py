@@ -45,7 +45,9 @@ class LoRA(nnx.Module):
     def __call__(self, x: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
         x = layers.dropout(x, self.dropout_rate, dropout_rng)
         h = layers.project(x, self.lora_a[...].astype(x.dtype))
-        return layers.project(h, self.lora_b[...].astype(x.dtype)) * self.scale
+        # The scale multiplies B `[r, out]`, not the `[tokens, out]` product: in the backward
+        # pass that spares a pass over the output gradient per adapter.
+        return layers.project(h, (self.lora_b[...] * self.scale).astype(x.dtype))
 
     def delta(self) -> jax.Array:
         """`A @ B * scale` in float32: what merging adds to the kernel."""

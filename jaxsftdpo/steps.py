@@ -246,10 +246,14 @@ def train_step(state: TrainState, frozen, ref, batch, rng, *, loss_fn, kind, tx,
     grads, metrics = accumulated_grads(loss_fn, state.trainable, frozen, ref, batch, rng, norm)
     if axis_name is not None:
         grads, metrics = jax.lax.psum((grads, metrics), axis_name)
-    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
-    trainable = optax.apply_updates(state.trainable, updates)
     metrics["grad_norm"] = optax.global_norm(grads)
-    return TrainState(state.step + 1, trainable, opt_state), metrics
+    return optimizer_update(tx, state, grads), metrics
+
+
+def optimizer_update(tx: optax.GradientTransformation, state: TrainState, grads) -> TrainState:
+    """`state` after one update of `tx` with `grads`."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+    return TrainState(state.step + 1, optax.apply_updates(state.trainable, updates), opt_state)
 
 
 def loss_function(kind: str, graphdef, dpo: DPOSettings | None, scored_tokens: int | None):

@@ -131,8 +131,8 @@ def bench_generate(args):
     prompts = rng.integers(0, model.config.vocab_size, (args.batch, args.prompt_len))
     new = args.new_tokens
 
-    def run_jax():
-        return generate(model, prompts, max_new_tokens=new)
+    def run_jax(checked_head=True):
+        return generate(model, prompts, max_new_tokens=new, checked_head=checked_head)
 
     def run_torch():
         with torch.no_grad():
@@ -152,6 +152,12 @@ def bench_generate(args):
     print(flops_line)
     print(f"jaxsftdpo     {tokens / jax_s:10.1f} new tokens/s  ({jax_s:.3f} s; first call with "
           f"compile {compile_s:.2f} s; MFU {mfu(tokens / jax_s, per_token, peak):.2%})")
+    if model.config.dtype == np.float32:
+        plain = run_jax(checked_head=False)
+        plain_s = best_time(lambda: run_jax(checked_head=False), args.repeats)
+        print(f"  without the checked bfloat16 head (every logit in float32): "
+              f"{tokens / plain_s:.1f} new tokens/s; the checked head is {plain_s / jax_s:.2f}x "
+              f"faster; identical tokens: {float((plain == ours).mean()):.1%}")
     if reference is None:
         return
     theirs = run_torch()[:, args.prompt_len:].numpy()
@@ -247,61 +253,84 @@ def bench_memory(args):
                   f"{params * n / total((trainable, frozen)):18.3f}", flush=True)
 
 
-def bench_train(args):
-    """Step time of SFT and DPO, full and LoRA, against PyTorch + transformers (+ peft)."""
-    import jax
-    import jax.numpy as jnp
+BETA = 0.1
 
-    from jaxsftdpo import lora, steps
+
+def train_inputs(config, args) -> SimpleNamespace:
+    """`--batch` random rows (DPO: pairs) of `--seq` tokens whose second half is the completion,
+    and the bound on scored tokens per row the trainer would derive from them."""
     from jaxsftdpo.data import batching
-    from jaxsftdpo.flops import mfu
 
-    shape, described = model_shape(args)
-    config = our_config(shape, args)
     rng = np.random.default_rng(0)
     b, t = args.batch, args.seq
     ids = {side: rng.integers(0, config.vocab_size, (b, t)).astype(np.int32)
            for side in ("chosen", "rejected")}
     loss_mask = np.zeros((b, t), bool)
-    loss_mask[:, t // 2:] = True           # the second half is the completion
-    ones = np.ones((b, t), bool)
-    # The trainer bounds the scored tokens per row from the data and runs the LM head there only.
+    loss_mask[:, t // 2:] = True
     scored_tokens = batching.scored_tokens_bound([batching.Sequence(row, mask) for side in
                                                   ids.values() for row, mask in zip(side, loss_mask)])
-    beta = 0.1
+    return SimpleNamespace(ids=ids, loss_mask=loss_mask, scored_tokens=scored_tokens)
+
+
+def jax_train_step(shape, args, inputs, kind, param, *, reference="frozen_copy",
+                   target_modules="all-linear"):
+    """`run()`: one jaxsftdpo train step (`steps.make_train_step`) of `kind` ("sft"/"dpo") and
+    `param` ("fft"/"lora": r = `--lora-r` on `target_modules`) on `inputs`, state carried over."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxsftdpo import lora, steps
+
+    model = our_model(shape, args)
+    if param == "lora":
+        lora.apply_lora(model, r=args.lora_r, alpha=2.0 * args.lora_r,
+                        target_modules=target_modules)
+    graphdef, trainable, frozen = lora.split_trainable(model, param)
+    # Committed to the device as the step's outputs are, so its second call compiles nothing.
+    trainable, frozen = jax.device_put((trainable, frozen), jax.devices()[0])
+    tx, _ = steps.make_optimizer(ADAMW, 1000)
+    state = steps.init_train_state(tx, trainable)
+    ids, loss_mask, b = inputs.ids, inputs.loss_mask, args.batch
+    ones = np.ones(loss_mask.shape, bool)
+    dpo, ref = None, None
+    if kind == "sft":
+        batch = {"input_ids": ids["chosen"], "attention_mask": ones, "loss_mask": loss_mask}
+    else:
+        dpo = steps.DPOSettings(beta=BETA, loss_type="sigmoid", label_smoothing=0.0,
+                                sft_weight=0.0, reference=reference)
+        batch = {f"{side}_{name}": value for side in ("chosen", "rejected")
+                 for name, value in (("input_ids", ids[side]), ("attention_mask", ones),
+                                     ("loss_mask", loss_mask))}
+        if reference == "precomputed":
+            batch["ref_chosen_logps"] = np.zeros(b, np.float32)
+            batch["ref_rejected_logps"] = np.zeros(b, np.float32)
+        else:
+            ref = jax.tree.map(jnp.copy, trainable)
+    batch = jax.device_put(jax.tree.map(lambda x: x[None], batch),   # one micro-batch
+                           jax.devices()[0])
+    step_fn = steps.make_train_step(kind, graphdef, tx, dpo, scored_tokens=inputs.scored_tokens)
+    holder = {"state": state}
+
+    def run():
+        holder["state"], metrics = step_fn(holder["state"], frozen, ref, batch, None)
+        jax.block_until_ready(metrics["loss"])
+    run.compiled_text = lambda: step_fn.lower(holder["state"], frozen, ref, batch,
+                                              None).compile().as_text()
+    return run
+
+
+def bench_train(args):
+    """Step time of SFT and DPO, full and LoRA, against PyTorch + transformers (+ peft)."""
+    from jaxsftdpo.flops import mfu
+
+    shape, described = model_shape(args)
+    config = our_config(shape, args)
+    inputs = train_inputs(config, args)
+    ids, loss_mask, scored_tokens = inputs.ids, inputs.loss_mask, inputs.scored_tokens
+    b, t, beta = args.batch, args.seq, BETA
 
     def jax_step(kind, param, reference="frozen_copy"):
-        model = our_model(shape, args)
-        if param == "lora":
-            lora.apply_lora(model, r=args.lora_r, alpha=2.0 * args.lora_r)
-        graphdef, trainable, frozen = lora.split_trainable(model, param)
-        # Committed to the device as the step's outputs are, so its second call compiles nothing.
-        trainable, frozen = jax.device_put((trainable, frozen), jax.devices()[0])
-        tx, _ = steps.make_optimizer(ADAMW, 1000)
-        state = steps.init_train_state(tx, trainable)
-        dpo, ref = None, None
-        if kind == "sft":
-            batch = {"input_ids": ids["chosen"], "attention_mask": ones, "loss_mask": loss_mask}
-        else:
-            dpo = steps.DPOSettings(beta=beta, loss_type="sigmoid", label_smoothing=0.0,
-                                    sft_weight=0.0, reference=reference)
-            batch = {f"{side}_{name}": value for side in ("chosen", "rejected")
-                     for name, value in (("input_ids", ids[side]), ("attention_mask", ones),
-                                         ("loss_mask", loss_mask))}
-            if reference == "precomputed":
-                batch["ref_chosen_logps"] = np.zeros(b, np.float32)
-                batch["ref_rejected_logps"] = np.zeros(b, np.float32)
-            else:
-                ref = jax.tree.map(jnp.copy, trainable)
-        batch = jax.device_put(jax.tree.map(lambda x: x[None], batch),   # one micro-batch
-                               jax.devices()[0])
-        step_fn = steps.make_train_step(kind, graphdef, tx, dpo, scored_tokens=scored_tokens)
-        holder = {"state": state}
-
-        def run():
-            holder["state"], metrics = step_fn(holder["state"], frozen, ref, batch, None)
-            jax.block_until_ready(metrics["loss"])
-        return run
+        return jax_train_step(shape, args, inputs, kind, param, reference=reference)
 
     def torch_step(kind, param):
         import copy
@@ -397,6 +426,91 @@ def bench_train(args):
                       + f"   frozen copy / precomputed: {jax_s / pre_s:.2f}x", flush=True)
         print(f"{kind}: LoRA step / full step = {timed[kind, 'lora'] / timed[kind, 'fft']:.2f}",
               flush=True)
+
+
+def bench_profile(args):
+    """Where a train step's time goes: each XLA op's time from a JAX profiler trace, grouped by
+    kind (matrix multiplications, elementwise fusions and reductions, copies, gathers and
+    scatters, the rest), for a full step, a LoRA step and a LoRA step whose only adapter is on
+    the first linear layer (every frozen weight's forward and input-gradient passes, almost no
+    adapter work), plus the optimizer update timed alone on each case's trainable state."""
+    import jax
+
+    from jaxsftdpo import lora, steps
+
+    shape, described = model_shape(args)
+    inputs = train_inputs(our_config(shape, args), args)
+    first_linear = next(iter(lora.linear_modules(our_model(shape, args))))
+    cases = (("full", "fft", "all-linear"), ("LoRA", "lora", "all-linear"),
+             (f"LoRA on {first_linear} only", "lora", [first_linear]))
+    print(f"{described}, {args.dtype}; {args.kind} step, batch {args.batch} x {args.seq} tokens; "
+          f"LoRA r={args.lora_r}; ms per step by op kind, from a profiler trace of "
+          f"{args.repeats} steps", flush=True)
+    print(f"{'case':34s} {'step':>8s} " + " ".join(f"{k:>12s}" for k in OP_KINDS)
+          + f" {'optimizer':>10s}", flush=True)
+    for name, param, targets in cases:
+        run = jax_train_step(shape, args, inputs, args.kind, param, target_modules=targets)
+        run()                                                   # compile
+        step_s = best_time(run, args.repeats)
+        by_kind = traced_op_kinds(run, args.repeats)
+        model = our_model(shape, args)
+        if param == "lora":
+            lora.apply_lora(model, r=args.lora_r, alpha=2.0 * args.lora_r, target_modules=targets)
+        trainable = lora.split_trainable(model, param)[1]
+        tx, _ = steps.make_optimizer(ADAMW, 1000)
+        update = jax.jit(lambda state, grads: steps.optimizer_update(tx, state, grads))
+        state = steps.init_train_state(tx, trainable)
+        jax.block_until_ready(update(state, trainable))
+        optimizer_s = best_time(lambda: jax.block_until_ready(update(state, trainable)),
+                                args.repeats)
+        print(f"{name:34s} {step_s * 1e3:8.1f} "
+              + " ".join(f"{by_kind.get(k, 0.0) * 1e3:12.1f}" for k in OP_KINDS)
+              + f" {optimizer_s * 1e3:10.1f}", flush=True)
+
+
+OP_KINDS = ("matmul", "elementwise", "copy", "gather", "other")
+
+
+def traced_op_kinds(run, repeats: int) -> dict:
+    """Seconds per step spent in each of `OP_KINDS`, from a profiler trace of `repeats` calls
+    of `run` (CPU: XLA's thunk events, named after the HLO instructions)."""
+    import gzip
+    import json
+    import tempfile
+    from pathlib import Path
+
+    import jax
+
+    with tempfile.TemporaryDirectory() as logdir:
+        jax.profiler.start_trace(logdir, create_perfetto_trace=True)
+        for _ in range(repeats):
+            run()
+        jax.profiler.stop_trace()
+        trace = json.load(gzip.open(next(Path(logdir).rglob("*.trace.json.gz"))))
+    seconds = {}
+    for event in trace["traceEvents"] if isinstance(trace, dict) else trace:
+        kind = op_kind(event.get("name", "")) if event.get("ph") == "X" else None
+        if kind:
+            seconds[kind] = seconds.get(kind, 0.0) + event["dur"] * 1e-6 / repeats
+    return seconds
+
+
+def op_kind(name: str) -> str | None:
+    """The `OP_KINDS` entry of an XLA:CPU trace event, None for what is not an op."""
+    base = name.split(".")[0]
+    if base in ("ynn_fusion", "dot", "convolution", "onednn_matmul") or "gemm" in base:
+        return "matmul"
+    if "fusion" in base or base.startswith(("wrapped_", "reduce", "add", "multiply",
+                                            "select", "exponential", "compare", "convert")):
+        return "elementwise"
+    if base in ("copy", "transpose", "concatenate", "slice", "dynamic-update-slice",
+                "dynamic-slice", "pad"):
+        return "copy"
+    if base in ("gather", "scatter"):
+        return "gather"
+    if base in ("sort", "custom-call", "iota", "rng-bit-generator", "all-reduce"):
+        return "other"
+    return None
 
 
 def bench_attention(args):
@@ -506,6 +620,14 @@ def main():
     train.add_argument("--precomputed-ref", action=argparse.BooleanOptionalAction, default=True,
                        help="also time DPO with precomputed reference log-probs")
     train.set_defaults(run=bench_train)
+    prof = sub.add_parser("profile", help="where a train step's time goes, by op kind")
+    add_model_options(prof, gpt2_layers=12, width=768, heads=12)
+    prof.add_argument("--kind", choices=["sft", "dpo"], default="sft")
+    prof.add_argument("--batch", type=int, default=8)
+    prof.add_argument("--seq", type=int, default=128)
+    prof.add_argument("--lora-r", type=int, default=8)
+    prof.add_argument("--repeats", type=int, default=3)
+    prof.set_defaults(run=bench_profile)
     attn = sub.add_parser("attention", help="one attention layer: einsum vs fused path")
     attn.add_argument("--batch", type=int, default=8)
     attn.add_argument("--seq", type=int, default=128, help="keys")
