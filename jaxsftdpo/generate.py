@@ -10,6 +10,7 @@ and checks the winner in float32 (`CheckedHead`): the tokens are float32 greedy'
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -19,24 +20,30 @@ import numpy as np
 from flax import nnx
 
 from jaxsftdpo.errors import UserError
+from jaxsftdpo.lora import merge_lora
+from jaxsftdpo.models import family_for
 from jaxsftdpo.models.layers import default_position_ids
 
 
 def generate(model: nnx.Module, input_ids, attention_mask=None, *, max_new_tokens: int,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              eos_token_id: int | None = None, seed: int = 0, prompt_bucket: int = 64,
-             checked_head: bool = True):
+             checked_head: bool = True, decode_dtype=None):
     """New tokens `[batch, max_new_tokens]` (int32 numpy) continuing each prompt.
 
     Prompts may be padded on either side (`attention_mask` marks real tokens). Greedy when
     `temperature` is 0. After a sequence emits `eos_token_id` the rest of its row is
     `eos_token_id`. The same `seed` gives the same samples. `checked_head=False` makes a
     float32 model's greedy decoding compute every logit in float32 (`CheckedHead` explains the
-    default; the tokens are the same).
+    default; the tokens are the same). `decode_dtype` (e.g. `jnp.bfloat16`) decodes with a
+    copy of the model in that dtype (`decoding_copy`): half the bytes to read per token, and
+    tokens that may differ from the model's own where its logits are close.
     """
     ids, mask = _left_pad(np.asarray(input_ids), attention_mask, prompt_bucket,
                           pad_id=0 if eos_token_id is None else eos_token_id)
     _check_request(model, int(mask.sum(-1).max()), max_new_tokens, temperature, top_k, top_p)
+    if decode_dtype is not None and jnp.dtype(decode_dtype) != jnp.dtype(model.config.dtype):
+        model = decoding_copy(model, decode_dtype)
     graphdef, state = nnx.split(model)
     greedy = temperature == 0.0
     tokens = _generate_jit(
@@ -47,6 +54,19 @@ def generate(model: nnx.Module, input_ids, attention_mask=None, *, max_new_token
         eos_token_id=eos_token_id,
         checked=checked_head and greedy and jnp.dtype(model.config.dtype) == jnp.float32)
     return np.asarray(tokens)
+
+
+def decoding_copy(model: nnx.Module, dtype) -> nnx.Module:
+    """A copy of `model` (LoRA adapters folded in) that stores its floating-point weights in
+    `dtype` and computes in it; `model` is left as it is. Matrix products still sum in float32
+    (`layers.project`), so bfloat16 costs the weights' rounding, not the sums'."""
+    family = family_for(model)
+    merged = merge_lora(nnx.clone(model))
+    config = dataclasses.replace(model.config, dtype=jnp.dtype(dtype),
+                                 param_dtype=jnp.dtype(dtype))
+    graphdef, shapes = nnx.split(nnx.eval_shape(lambda: family.build(config)))
+    state = jax.tree.map(lambda shape, x: jnp.asarray(x, shape.dtype), shapes, nnx.state(merged))
+    return nnx.merge(graphdef, state)
 
 
 def _left_pad(ids: np.ndarray, attention_mask, bucket: int, pad_id: int):

@@ -131,8 +131,8 @@ def bench_generate(args):
     prompts = rng.integers(0, model.config.vocab_size, (args.batch, args.prompt_len))
     new = args.new_tokens
 
-    def run_jax(checked_head=True):
-        return generate(model, prompts, max_new_tokens=new, checked_head=checked_head)
+    def run_jax(**options):
+        return generate(model, prompts, max_new_tokens=new, **options)
 
     def run_torch():
         with torch.no_grad():
@@ -153,11 +153,15 @@ def bench_generate(args):
     print(f"jaxsftdpo     {tokens / jax_s:10.1f} new tokens/s  ({jax_s:.3f} s; first call with "
           f"compile {compile_s:.2f} s; MFU {mfu(tokens / jax_s, per_token, peak):.2%})")
     if model.config.dtype == np.float32:
-        plain = run_jax(checked_head=False)
-        plain_s = best_time(lambda: run_jax(checked_head=False), args.repeats)
-        print(f"  without the checked bfloat16 head (every logit in float32): "
-              f"{tokens / plain_s:.1f} new tokens/s; the checked head is {plain_s / jax_s:.2f}x "
-              f"faster; identical tokens: {float((plain == ours).mean()):.1%}")
+        for options, what in (({"checked_head": False}, "without the checked bfloat16 head "
+                                                        "(every logit in float32)"),
+                              ({"decode_dtype": "bfloat16"}, "a bfloat16 copy of the model "
+                                                             "(decode_dtype)")):
+            theirs = run_jax(**options)
+            seconds = best_time(lambda: run_jax(**options), args.repeats)
+            print(f"  {what}: {tokens / seconds:.1f} new tokens/s, {jax_s / seconds:.2f}x the "
+                  f"default's speed; tokens equal to float32 greedy's: "
+                  f"{float((theirs == ours).mean()):.1%}", flush=True)
     if reference is None:
         return
     theirs = run_torch()[:, args.prompt_len:].numpy()

@@ -1,13 +1,17 @@
-"""Generation: greedy parity with transformers, eos padding, seeded sampling, top-k/top-p sets."""
+"""Generation: greedy parity with transformers, eos padding, seeded sampling, top-k/top-p sets,
+the checked bfloat16 head and the bfloat16 decoding copy."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from transformers import GPT2Config as HFConfig, GPT2LMHeadModel
 
 from jaxsftdpo import generate as gen
 from jaxsftdpo.errors import UserError
+from jaxsftdpo.lora import apply_lora, linear_modules
 from jaxsftdpo.models import from_pretrained
 
 VOCAB = 97
@@ -195,3 +199,21 @@ def test_checked_head_and_float32_head_generate_the_same_tokens(models):
     np.testing.assert_array_equal(
         gen.generate(model, ids, mask, max_new_tokens=24),
         gen.generate(model, ids, mask, max_new_tokens=24, checked_head=False))
+
+
+def test_bfloat16_decoding_copy_folds_adapters_and_leaves_the_model_alone(models):
+    _, model = models
+    adapted = nnx.clone(model)
+    apply_lora(adapted, r=4, alpha=8)
+    for i, linear in enumerate(linear_modules(adapted).values()):
+        linear.lora.lora_b[...] = 0.05 * jax.random.normal(jax.random.key(i),
+                                                           linear.lora.lora_b.shape)
+    ids, mask = left_padded_prompts([5, 9])
+    want = np.asarray(adapted(ids, mask))
+    copy = gen.decoding_copy(adapted, jnp.bfloat16)
+    assert {leaf.dtype for leaf in jax.tree.leaves(nnx.state(copy))} == {jnp.dtype(jnp.bfloat16)}
+    assert not any(linear.lora is None for linear in linear_modules(adapted).values())
+    np.testing.assert_allclose(copy(ids, mask), want, atol=0.05 * np.abs(want).max())
+    np.testing.assert_array_equal(
+        gen.generate(adapted, ids, mask, max_new_tokens=8, decode_dtype=jnp.bfloat16),
+        gen.generate(copy, ids, mask, max_new_tokens=8))
