@@ -444,13 +444,16 @@ def bench_profile(args):
 
     shape, described = model_shape(args)
     inputs = train_inputs(our_config(shape, args), args)
-    first_linear = next(iter(lora.linear_modules(our_model(shape, args))))
+    # An attention projection of the first block: the backward pass must reach it through
+    # every frozen layer.
+    linears = list(lora.linear_modules(our_model(shape, args)))
+    first_linear = next(path for path in linears if ".0." in path and "attn" in path)
     cases = (("full", "fft", "all-linear"), ("LoRA", "lora", "all-linear"),
              (f"LoRA on {first_linear} only", "lora", [first_linear]))
     print(f"{described}, {args.dtype}; {args.kind} step, batch {args.batch} x {args.seq} tokens; "
           f"LoRA r={args.lora_r}; ms per step by op kind, from a profiler trace of "
           f"{args.repeats} steps", flush=True)
-    print(f"{'case':34s} {'step':>8s} " + " ".join(f"{k:>12s}" for k in OP_KINDS)
+    print(f"{'case':40s} {'step':>8s} " + " ".join(f"{k:>12s}" for k in OP_KINDS)
           + f" {'optimizer':>10s}", flush=True)
     for name, param, targets in cases:
         run = jax_train_step(shape, args, inputs, args.kind, param, target_modules=targets)
@@ -467,7 +470,7 @@ def bench_profile(args):
         jax.block_until_ready(update(state, trainable))
         optimizer_s = best_time(lambda: jax.block_until_ready(update(state, trainable)),
                                 args.repeats)
-        print(f"{name:34s} {step_s * 1e3:8.1f} "
+        print(f"{name:40s} {step_s * 1e3:8.1f} "
               + " ".join(f"{by_kind.get(k, 0.0) * 1e3:12.1f}" for k in OP_KINDS)
               + f" {optimizer_s * 1e3:10.1f}", flush=True)
 

@@ -170,8 +170,9 @@ def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, 
     so both products are plain batched matmuls (XLA on CPU is several times slower on the
     `[B,S,H,D]` layout during decoding).
 
-    Scores and softmax are in float32. A query row with nothing to attend (a left-padding
-    position) gets uniform weights instead of NaN; its output is never used.
+    Scores and softmax are in float32, and both products sum in float32 (see `project`). A
+    query row with nothing to attend (a left-padding position) gets uniform weights instead of
+    NaN; its output is never used.
     """
     b, h, t, d = q.shape
     kv_heads = k.shape[1]
@@ -180,7 +181,8 @@ def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, 
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     probs = dropout(probs, dropout_rate, dropout_rng).astype(v.dtype)
-    return jnp.einsum("bkgts,bksd->bkgtd", probs, v).reshape(b, h, t, d)
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs, v, preferred_element_type=jnp.float32)
+    return out.astype(v.dtype).reshape(b, h, t, d)
 
 
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
