@@ -279,7 +279,8 @@ def train_inputs(config, args) -> SimpleNamespace:
 def jax_train_step(shape, args, inputs, kind, param, *, reference="frozen_copy",
                    target_modules="all-linear"):
     """`run()`: one jaxsftdpo train step (`steps.make_train_step`) of `kind` ("sft"/"dpo") and
-    `param` ("fft"/"lora": r = `--lora-r` on `target_modules`) on `inputs`, state carried over."""
+    `param` ("fft"/"lora": r = `--lora-r` on `target_modules`) on `inputs`, state carried over;
+    `run.tx` is its optimizer and `run.state()` its current `TrainState`."""
     import jax
     import jax.numpy as jnp
 
@@ -318,8 +319,7 @@ def jax_train_step(shape, args, inputs, kind, param, *, reference="frozen_copy",
     def run():
         holder["state"], metrics = step_fn(holder["state"], frozen, ref, batch, None)
         jax.block_until_ready(metrics["loss"])
-    run.compiled_text = lambda: step_fn.lower(holder["state"], frozen, ref, batch,
-                                              None).compile().as_text()
+    run.tx, run.state = tx, lambda: holder["state"]
     return run
 
 
@@ -460,15 +460,12 @@ def bench_profile(args):
         run()                                                   # compile
         step_s = best_time(run, args.repeats)
         by_kind = traced_op_kinds(run, args.repeats)
-        model = our_model(shape, args)
-        if param == "lora":
-            lora.apply_lora(model, r=args.lora_r, alpha=2.0 * args.lora_r, target_modules=targets)
-        trainable = lora.split_trainable(model, param)[1]
-        tx, _ = steps.make_optimizer(ADAMW, 1000)
-        update = jax.jit(lambda state, grads: steps.optimizer_update(tx, state, grads))
-        state = steps.init_train_state(tx, trainable)
-        jax.block_until_ready(update(state, trainable))
-        optimizer_s = best_time(lambda: jax.block_until_ready(update(state, trainable)),
+        # The step's own optimizer on its own state, the trainable weights standing in for
+        # gradients of their shape.
+        state = run.state()
+        update = jax.jit(lambda state, grads: steps.optimizer_update(run.tx, state, grads))
+        jax.block_until_ready(update(state, state.trainable))
+        optimizer_s = best_time(lambda: jax.block_until_ready(update(state, state.trainable)),
                                 args.repeats)
         print(f"{name:40s} {step_s * 1e3:8.1f} "
               + " ".join(f"{by_kind.get(k, 0.0) * 1e3:12.1f}" for k in OP_KINDS)
@@ -505,7 +502,7 @@ def traced_op_kinds(run, repeats: int) -> dict:
 def op_kind(name: str) -> str | None:
     """The `OP_KINDS` entry of an XLA:CPU trace event, None for what is not an op."""
     base = name.split(".")[0]
-    if base in ("ynn_fusion", "dot", "convolution", "onednn_matmul") or "gemm" in base:
+    if base in ("ynn_fusion", "dot", "dot_general", "convolution"):
         return "matmul"
     if "fusion" in base or base.startswith(("wrapped_", "reduce", "add", "multiply",
                                             "select", "exponential", "compare", "convert")):
