@@ -7,12 +7,30 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = str(ROOT / "configs/quickstart.py")
 FAST = ["--config.progress=False", "--config.data.n_train=64", "--config.data.n_dev=16",
         "--config.stages[0].epochs=0", "--config.stages[0].steps=2",
         "--config.stages[1].epochs=0", "--config.stages[1].steps=1"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shared_compilation_cache(tmp_path_factory):
+    """One persistent compilation cache for this module's `train` processes: a run that repeats
+    another's programs (a resume, the same config in another workdir) compiles nothing."""
+    settings = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
+                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    before = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    yield
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key)
+        else:
+            os.environ[key] = value
 
 
 def start(workdir, *overrides, config=QUICK):
@@ -119,32 +137,35 @@ def test_checkpoint_that_does_not_fit_the_model(tmp_path):
 
 
 def test_busy_workdir_and_sigterm(tmp_path):
-    """A second `train` on a running run's workdir stops at once and leaves that run alone;
-    SIGTERM checkpoints and exits 143; the same command then resumes the run, which ends as the
-    uninterrupted one, every step logged once."""
+    """A second `train` on a workdir whose lock a live process holds stops at once and leaves
+    that workdir alone; SIGTERM checkpoints and exits 143; the same command then resumes the run,
+    which ends as the uninterrupted one, every step logged once."""
     import signal
     import time
 
     import jax
     import numpy as np
 
-    from jaxsftdpo import runs
+    from jaxsftdpo import lock, runs
 
-    longer = ["--config.data.n_train=256", "--config.stages[0].steps=300",
+    longer = ["--config.data.n_train=256", "--config.stages[0].steps=100",
               "--config.checkpoint_every=100000"]
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    first, second = start(straight, *longer), start(stopped, *longer)
-    deadline = time.time() + 240
-    while not (straight / "train.lock").exists() and time.time() < deadline:
-        time.sleep(0.1)
-    returncode, _, err = finish(start(straight, *longer))
-    assert_one_line_error(returncode, err, f"{straight} is in use by another training run "
-                                           f"(pid {first.pid} on host")
-    assert first.poll() is None, "the busy run ended before the second one was refused"
+    busy, straight, stopped = tmp_path / "busy", tmp_path / "straight", tmp_path / "stopped"
+    # This process holds the lock as a running trainer would (tests/test_robustness.py covers
+    # the lock itself), so the refused run cannot race a short run to its end.
+    with lock.WorkdirLock(busy):
+        before = snapshot(busy)
+        refused = start(busy, *longer)
+        first, second = start(straight, *longer), start(stopped, *longer)
+        returncode, _, err = finish(refused)
+        assert snapshot(busy) == before
+    assert_one_line_error(returncode, err, f"{busy} is in use by another training run "
+                                           f"(pid {os.getpid()} on host")
 
     metrics = stopped / "metrics.jsonl"
+    deadline = time.time() + 240
     while not (metrics.exists() and metrics.stat().st_size) and time.time() < deadline:
-        time.sleep(0.2)
+        time.sleep(0.1)
     second.send_signal(signal.SIGTERM)
     returncode, _, err = finish(second)
     assert returncode == 128 + signal.SIGTERM, err
@@ -162,6 +183,6 @@ def test_busy_workdir_and_sigterm(tmp_path):
         return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu")} for r in rows]
 
     assert logged(stopped) == logged(straight)
-    assert json.loads((stopped / "results.json").read_text())["global_step"] == 301
+    assert json.loads((stopped / "results.json").read_text())["global_step"] == 101
     jax.tree.map(np.testing.assert_array_equal, runs.load_run(stopped).trainable,
                  runs.load_run(straight).trainable)

@@ -31,6 +31,8 @@ from testing import quickstart_config
 from tiny_gguf import (END_OF_TEXT, EOS_ID, TOKENS, llama_config, random_model,
                        transformers_gguf_model, write_gguf)
 
+pytestmark = pytest.mark.usefixtures("compilation_cache")  # conftest.py
+
 REPO = Path(__file__).resolve().parents[1]
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

@@ -22,6 +22,8 @@ from jaxsftdpo.errors import UserError
 from jaxsftdpo.models import from_pretrained, llama, save_pretrained
 from testing import quickstart_config
 
+pytestmark = pytest.mark.usefixtures("compilation_cache")  # conftest.py
+
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 128
 SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

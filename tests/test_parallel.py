@@ -16,6 +16,8 @@ from jaxsftdpo.config import stage
 from jaxsftdpo.errors import UserError
 from testing import ONE_LAYER, tiny_config
 
+pytestmark = pytest.mark.usefixtures("compilation_cache")  # conftest.py
+
 N = 4  # devices of the data-parallel comparisons
 
 

@@ -16,6 +16,8 @@ from jaxsftdpo.trainer import train_and_evaluate
 from test_data import chat_tokenizer  # noqa: F401 - a fixture
 from testing import task_config
 
+pytestmark = pytest.mark.usefixtures("compilation_cache")  # conftest.py
+
 QUESTIONS = ["How do I learn Python?", "What is the best phone?", "Why is the sky blue?",
              "Where can I buy a bike?"]
 VARIANTS = [str.upper, str.lower, lambda q: q.replace("?", " ?"), lambda q: "  " + q]

@@ -14,6 +14,8 @@ from jaxsftdpo.config import stage
 from jaxsftdpo.data import batching
 from testing import quickstart_config, tiny_config
 
+pytestmark = pytest.mark.usefixtures("compilation_cache")  # conftest.py
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
