@@ -21,16 +21,10 @@ FAST = ["--config.progress=False", "--config.data.n_train=64", "--config.data.n_
 def shared_compilation_cache(tmp_path_factory):
     """One persistent compilation cache for this module's `train` processes: a run that repeats
     another's programs (a resume, the same config in another workdir) compiles nothing."""
-    settings = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
-                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    before = {key: os.environ.get(key) for key in settings}
-    os.environ.update(settings)
-    yield
-    for key, value in before.items():
-        if value is None:
-            os.environ.pop(key)
-        else:
-            os.environ[key] = value
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("jax_cache")))
+        patch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+        yield
 
 
 def start(workdir, *overrides, config=QUICK):
