@@ -161,6 +161,23 @@ def greedy_cases(seed=0, rows=64, vocab=500, width=48):
     return hidden, head
 
 
+@pytest.mark.parametrize("case", ["spread", "one_chunk", "negative"])
+def test_best_candidates_are_top_k_and_bound_every_column_left_out(case):
+    vocab, chunk, k = 5000, 64, 16                   # 79 chunks, the last one partly padding
+    rng = np.random.default_rng(0)
+    approx = rng.normal(size=(4, vocab)).astype(np.float32)
+    if case == "one_chunk":                          # the 16 best all in chunk 7
+        approx[:, 7 * chunk:7 * chunk + 20] += 10.0
+    if case == "negative":                           # the zero padding outranks every logit
+        approx = -np.abs(approx) - 1.0
+    padded = np.pad(approx, ((0, 0), (0, -vocab % chunk)))
+    ids, left_out = gen.best_candidates(jnp.asarray(padded), vocab, k, chunk)
+    ranked = np.sort(approx, -1)[:, ::-1]
+    np.testing.assert_array_equal(np.sort(np.asarray(ids), -1),
+                                  np.sort(np.argsort(-approx, -1)[:, :k], -1))
+    np.testing.assert_array_equal(left_out, ranked[:, k])
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_checked_bfloat16_head_gives_float32_greedy_tokens(seed):
     hidden, head = greedy_cases(seed)
