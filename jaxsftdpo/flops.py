@@ -71,34 +71,44 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak: float) -> float:
     return tokens_per_s * flops_per_token / peak
 
 
-def device_peak_flops(override: float = 0.0) -> float:
+def device_peak_flops(override: float = 0.0, dtype=jnp.float32) -> float:
     """Peak FLOP/s of one device: `override` when > 0; the table's dense bf16 peak for a known
-    accelerator; otherwise (CPU, an unknown chip) the measured rate of a float32 matmul."""
+    accelerator; otherwise (CPU, an unknown chip) the measured rate of a matmul of `dtype`
+    operands, the compute dtype's (a CPU with bfloat16 matrix units multiplies bfloat16
+    several times faster than float32, so a float32 peak would put bfloat16 runs over 100%)."""
     if override > 0:
         return override
     kind = jax.devices()[0].device_kind
     for key, peak in PEAK_FLOPS.items():
         if key in kind:
             return peak
-    return measured_matmul_flops()
+    return measured_matmul_flops(dtype)
 
 
-def peak_flops(override: float = 0.0) -> float:
+def peak_flops(override: float = 0.0, dtype=jnp.float32) -> float:
     """Peak FLOP/s of all the devices a run computes on, every process's: `device_peak_flops`
     times the device count, except on CPU, whose devices (however many
     `--xla_force_host_platform_device_count` makes) share the process's cores, which the
     measured rate already counts."""
     devices = 1 if jax.default_backend() == "cpu" else jax.device_count()
-    return device_peak_flops(override) * devices
+    return device_peak_flops(override, dtype) * devices
+
+
+def measured_matmul_flops(dtype=jnp.float32, size: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of a jitted `size` x `size` matmul of `dtype` operands summing in float32 (as the
+    models' products do) on the default device, best of `repeats` after 50 ms of warm-up (a
+    bfloat16 product takes 1.5 ms on an AMX core, whose first milliseconds run at half the
+    rate); measured once per process."""
+    return _measured_matmul_flops(jnp.dtype(dtype).name, size, repeats)
 
 
 @functools.cache
-def measured_matmul_flops(size: int = 1024, repeats: int = 5) -> float:
-    """FLOP/s of a jitted `size` x `size` float32 matmul on the default device, best of
-    `repeats`."""
-    a = jnp.ones((size, size), jnp.float32)
-    matmul = jax.jit(jnp.matmul)
-    matmul(a, a).block_until_ready()
+def _measured_matmul_flops(dtype: str, size: int, repeats: int) -> float:
+    a = jnp.ones((size, size), dtype)
+    matmul = jax.jit(lambda a, b: jax.lax.dot(a, b, preferred_element_type=jnp.float32))
+    warm_until = time.perf_counter() + 0.05
+    while time.perf_counter() < warm_until:
+        matmul(a, a).block_until_ready()
     best = math.inf
     for _ in range(repeats):
         start = time.perf_counter()

@@ -410,7 +410,8 @@ class _Training:
         """Tokens per second since the last log, the model FLOPs per token of the newest batch's
         length (a DPO reference's forward not counted) and the model FLOPs utilisation."""
         if self.peak_flops is None:
-            self.peak_flops = flops.peak_flops(self.config.peak_flops)
+            self.peak_flops = flops.peak_flops(self.config.peak_flops,
+                                               self.run.model_config.dtype)
         tokens_per_s = throughput.take()
         per_token = flops.model_flops_per_token(self.run.model_config, self.sequence_length)
         return {"tokens_per_s": tokens_per_s, "flops_per_token": per_token,

@@ -3,6 +3,7 @@
 from types import SimpleNamespace
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from jaxsftdpo import flops
@@ -57,3 +58,13 @@ def test_cpu_peak_is_measured_once_for_all_its_devices():
     assert measured > 0
     assert flops.measured_matmul_flops() == measured        # cached, not measured again
     assert jax.device_count() > 1 and flops.peak_flops() == measured
+
+
+def test_cpu_peak_is_measured_in_the_compute_dtype(monkeypatch):
+    """A bfloat16 run's MFU is over a bfloat16 matmul's rate, which AMX CPUs run several times
+    faster than float32's."""
+    rates = {jnp.dtype(jnp.float32): 1e11, jnp.dtype(jnp.bfloat16): 4e11}
+    monkeypatch.setattr(flops, "measured_matmul_flops", lambda dtype: rates[jnp.dtype(dtype)])
+    assert flops.device_peak_flops() == 1e11
+    assert flops.peak_flops(dtype=jnp.bfloat16) == 4e11
+    assert flops.peak_flops(override=2e12, dtype=jnp.bfloat16) == 2e12
