@@ -106,10 +106,11 @@ def flops_and_peak(model_config, seq_len: int, *, training: bool):
     from jaxsftdpo import flops
 
     per_token = flops.model_flops_per_token(model_config, seq_len, training=training)
-    peak = flops.device_peak_flops()
+    peak = flops.device_peak_flops(dtype=model_config.dtype)
     return per_token, peak, (f"model FLOPs per token {per_token / 1e9:.3f} G "
                              f"({'training' if training else 'forward'}, {seq_len} positions); "
-                             f"peak {peak / 1e12:.1f} TFLOP/s ({jax.devices()[0].device_kind})")
+                             f"peak {peak / 1e12:.1f} TFLOP/s ({jax.devices()[0].device_kind}, "
+                             f"{jax.numpy.dtype(model_config.dtype).name})")
 
 
 def bench_generate(args):
@@ -425,11 +426,15 @@ def bench_train(args):
             name = f"{kind} {param}" + (" (frozen ref)" if kind == "dpo" else "")
             print(row(name, jax_s, tokens, time_torch(kind, param)), flush=True)
             if kind == "dpo" and args.precomputed_ref:
-                pre_s = time_jax(jax_step(kind, param, reference="precomputed"))
+                pre_s = timed[kind, param, "precomputed"] = time_jax(
+                    jax_step(kind, param, reference="precomputed"))
                 print(row(f"dpo {param} (precomputed ref)", pre_s, tokens)
                       + f"   frozen copy / precomputed: {jax_s / pre_s:.2f}x", flush=True)
-        print(f"{kind}: LoRA step / full step = {timed[kind, 'lora'] / timed[kind, 'fft']:.2f}",
-              flush=True)
+        ratio = f"{kind}: LoRA step / full step = {timed[kind, 'lora'] / timed[kind, 'fft']:.2f}"
+        if (kind, "lora", "precomputed") in timed:
+            precomputed = timed[kind, "lora", "precomputed"] / timed[kind, "fft", "precomputed"]
+            ratio += f" (frozen ref), {precomputed:.2f} (precomputed ref)"
+        print(ratio, flush=True)
 
 
 def bench_profile(args):
