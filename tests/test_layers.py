@@ -41,5 +41,9 @@ def test_half_precision_products_are_summed_in_float32_and_rounded_once(transpos
     # the dot in float32, the form XLA:CPU runs on AMX and GPUs and TPUs expect.
     loss = lambda x, w: project(x, w, transposed).astype(jnp.float32).sum()
     hlo = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, w).as_text()
-    results = [line.split("->")[-1].strip() for line in hlo.splitlines() if "dot_general" in line]
+    dots = [line for line in hlo.splitlines() if "dot_general" in line]
+    results = [line.split("->")[-1].strip() for line in dots]
     assert len(results) == 3 and all(r.endswith("xf32>") for r in results), results
+    # And on CPU none sums over its left operand's leading axis (the weight gradient's tokens),
+    # the product XLA:CPU would widen to float32 before multiplying.
+    assert all("contracting_dims = [1] x" in line for line in dots), dots

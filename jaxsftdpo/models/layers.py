@@ -63,10 +63,23 @@ def _project_fwd(x, w, transposed):
 def _project_bwd(transposed, residuals, dy):
     x, w = residuals
     x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-    tokens = ((0,), (0,)), ((), ())
     dx = _dot(dy2, w, (((1,), (0 if transposed else 1,)), ((), ())))
-    dw = _dot(dy2, x2, tokens) if transposed else _dot(x2, dy2, tokens)
+    dw = _sum_over_tokens(dy2, x2) if transposed else _sum_over_tokens(x2, dy2)
     return dx.reshape(x.shape).astype(x.dtype), dw.astype(w.dtype)
+
+
+def _sum_over_tokens(a: jax.Array, b: jax.Array) -> jax.Array:
+    """`a.T @ b` for `a` `[tokens, m]` and `b` `[tokens, n]`: a weight gradient.
+
+    On CPU a half-precision `a` is first copied to `[m, tokens]` in memory: XLA:CPU widens both
+    operands of a product that sums over its left operand's leading axis to float32, and with
+    the copy its AMX path runs the product at 1.2 instead of 0.26 TFLOP/s (GPT-2 small's MLP,
+    1024 tokens; a bfloat16 full fine-tuning step 1.4x faster). The copy is a gather, because
+    layout assignment folds a plain transpose back into the product."""
+    if a.dtype.itemsize == 2 and jax.default_backend() == "cpu":
+        a_t = jnp.take(a.T, jnp.arange(a.shape[1]), axis=0)
+        return _dot(a_t, b, (((1,), (0,)), ((), ())))
+    return _dot(a, b, (((0,), (0,)), ((), ())))
 
 
 project.defvjp(_project_fwd, _project_bwd)
