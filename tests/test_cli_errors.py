@@ -18,11 +18,12 @@ FAST = ["--config.progress=False", "--config.data.n_train=64", "--config.data.n_
 
 
 @pytest.fixture(scope="module", autouse=True)
-def shared_compilation_cache(tmp_path_factory):
-    """One persistent compilation cache for this module's `train` processes: a run that repeats
-    another's programs (a resume, the same config in another workdir) compiles nothing."""
+def shared_compilation_cache(compilation_cache_dir):
+    """conftest's persistent compilation cache for this module's `train` processes, through
+    the environment (their jax is not this process's): a run that repeats another's programs
+    (a resume, the same config in another workdir) compiles nothing."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("jax_cache")))
+        patch.setenv("JAX_COMPILATION_CACHE_DIR", str(compilation_cache_dir))
         patch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
         yield
 
