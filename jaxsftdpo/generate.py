@@ -104,22 +104,80 @@ def _check_request(model, longest_prompt, max_new_tokens, temperature, top_k, to
 
 
 def filter_logits(logits, *, top_k: int | None, top_p):
-    """Set to -inf every logit outside the top-k set and outside the top-p nucleus.
+    """Set to the lowest float every logit outside the top-k set and outside the top-p nucleus.
 
-    The nucleus is the smallest set of most likely tokens whose probability reaches `top_p`.
+    The nucleus is the smallest set of most likely tokens whose probability reaches `top_p`
+    (ties with its least likely token kept too). Neither is found by sorting the vocabulary:
+    XLA's sort on CPU took 80 ms per step for 8 rows of 50k logits, 20x a decoding step.
     """
     neg_inf = jnp.finfo(logits.dtype).min
     if top_k is not None:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        # min, not [..., -1]: XLA runs a sort as its fast TopK only when nothing else slices
+        # its output (68 ms vs 0.9 ms per step for 8 rows of 50k logits).
+        kth = jax.lax.top_k(logits, top_k)[0].min(-1, keepdims=True)
         logits = jnp.where(logits < kth, neg_inf, logits)
     if top_p is not None:
-        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        keep = mass_before < top_p
-        threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < threshold, neg_inf, logits)
+        logits = jnp.where(logits < nucleus_threshold(logits, top_p), neg_inf, logits)
     return logits
+
+
+def nucleus_threshold(logits, top_p):
+    """The top-p nucleus's least logit `[..., 1]` of `logits` `[..., vocab]`: the least logit
+    v whose more likely tokens (logits > v) hold less than `top_p` of the probability, i.e.
+    whose own and less likely tokens hold more than `1 - top_p` (summed from the tail, as
+    transformers' top-p does, so `top_p=1` keeps every token of nonzero probability).
+
+    That mass rises with v, so v is found by bisection over the 2^32 float32 values, in 32
+    passes over the logits instead of a sort.
+    """
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    keys = _ordered_int32(logits.astype(jnp.float32))
+
+    def halve(_, bounds):                   # the answer stays in [low, high]
+        low, high = bounds
+        middle = (low >> 1) + (high >> 1) + (low & high & 1)   # floor((low + high) / 2)
+        below = jnp.sum(jnp.where(keys <= middle[..., None], probs, 0.0), axis=-1)
+        inside = below > 1.0 - top_p
+        return jnp.where(inside, low, middle + 1), jnp.where(inside, middle, high)
+
+    _, high = jax.lax.fori_loop(0, 32, halve, (keys.min(-1), keys.max(-1)))
+    return jnp.min(jnp.where(keys >= high[..., None], logits, jnp.inf), axis=-1, keepdims=True)
+
+
+def _ordered_int32(x: jax.Array) -> jax.Array:
+    """float32 -> int32 preserving order (negative floats' magnitude bits reversed)."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+    return jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+def sample_categorical(key, logits, chunk: int = 64) -> jax.Array:
+    """A token per row `[B]` (int32) drawn with probability `softmax(logits)`.
+
+    One uniform number per row is located in the running sum of the probabilities: first among
+    the sums of `chunk`-token blocks, then inside the block it falls in. `jax.random.categorical`
+    draws Gumbel noise for every logit instead, 5.6 ms of an 8-row step over 50k logits on CPU.
+    """
+    batch, vocab = logits.shape
+    weights = jnp.exp(logits - logits.max(-1, keepdims=True))
+    blocks = jnp.pad(weights, ((0, 0), (0, -vocab % chunk))).reshape(batch, -1, chunk)
+    block_ends = jnp.cumsum(blocks.sum(-1), axis=-1)
+    point = jax.random.uniform(key, (batch, 1)) * block_ends[:, -1:]
+    block = _first_passing(block_ends, point, blocks.sum(-1) > 0)
+    block_start = jnp.where(block > 0, jnp.take_along_axis(
+        block_ends, jnp.maximum(block - 1, 0)[:, None], axis=1)[:, 0], 0.0)
+    inside = jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0]
+    offset = _first_passing(jnp.cumsum(inside, axis=-1), point - block_start[:, None],
+                            inside > 0)
+    return (block * chunk + offset).astype(jnp.int32)
+
+
+def _first_passing(running_sum, point, positive):
+    """Per row, the first index of positive weight whose running sum exceeds `point`, or,
+    where rounding put `point` at or past the total, the last index of positive weight (so a
+    token of weight 0 is never drawn)."""
+    passing = (running_sum > point) & positive
+    last = running_sum.shape[-1] - 1 - jnp.argmax(positive[:, ::-1], axis=-1)
+    return jnp.where(passing.any(-1), jnp.argmax(passing, axis=-1), last)
 
 
 def first_argmax(logits):
@@ -225,7 +283,7 @@ def sample_token(logits, key, temperature, top_p, *, greedy: bool, top_k, use_to
         return first_argmax(logits)
     logits = filter_logits(logits / temperature, top_k=top_k,
                            top_p=top_p if use_top_p else None)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    return sample_categorical(key, logits)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k",

@@ -101,6 +101,57 @@ def test_filter_logits_keeps_exactly_top_k_and_the_nucleus():
     np.testing.assert_array_equal(kept_p, [[False, True, False, True, False]])
 
 
+def sorted_nucleus_threshold(logits, top_p):
+    """The nucleus's least logit by the definition: sort, keep while the mass before < top_p."""
+    ranked = np.sort(logits, -1)[:, ::-1].astype(np.float64)
+    probs = np.exp(ranked - ranked[:, :1])
+    probs /= probs.sum(-1, keepdims=True)
+    kept = np.cumsum(probs, -1) - probs < top_p
+    return np.where(kept, ranked, np.inf).min(-1)
+
+
+@pytest.mark.parametrize("top_p", [1e-4, 0.3, 0.9, 0.999, 1.0])
+def test_nucleus_threshold_is_the_sorted_definitions(top_p):
+    rng = np.random.default_rng(0)
+    logits = (rng.normal(size=(6, 3000)) * [[0.1], [1], [3], [10], [5], [1]]).astype(np.float32)
+    logits[5] = np.round(logits[5] * 4) / 4                       # many ties
+    logits[1, :1500] = np.finfo(np.float32).min                  # already filtered out
+    got = np.asarray(gen.nucleus_threshold(jnp.asarray(logits), top_p))[:, 0]
+    if top_p == 1.0:                                             # every token left is kept
+        np.testing.assert_array_equal(got, np.where(logits > -1e30, logits, np.inf).min(-1))
+    else:
+        np.testing.assert_array_equal(got, sorted_nucleus_threshold(logits, top_p))
+
+
+def test_samples_follow_the_probabilities():
+    vocab, draws = 150, 40_000                  # 150: the last 64-token block partly padding
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=vocab).astype(np.float32) * 2
+    logits[[0, 63, 64, 149]] = np.finfo(np.float32).min          # filtered: never drawn
+    tokens = np.asarray(gen.sample_categorical(jax.random.key(0),
+                                               jnp.broadcast_to(logits, (draws, vocab))))
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    counts = np.bincount(tokens, minlength=vocab)
+    assert counts[[0, 63, 64, 149]].sum() == 0
+    spread = np.sqrt(draws * probs * (1 - probs))
+    assert (np.abs(counts - draws * probs) <= 5 * spread + 1).all()
+
+
+def test_samples_are_where_the_uniform_falls_in_the_running_sum():
+    """The token is the inverse CDF of one uniform number per row, in vocabulary order."""
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(500, 1000)).astype(np.float32)
+    key = jax.random.key(3)
+    tokens = np.asarray(gen.sample_categorical(key, jnp.asarray(logits)))
+    uniform = np.asarray(jax.random.uniform(key, (500, 1)), np.float64)
+    probs = np.exp(logits - logits.max(-1, keepdims=True)).astype(np.float64)
+    running = np.cumsum(probs / probs.sum(-1, keepdims=True), -1)
+    expected = (running <= uniform).sum(-1)
+    assert (tokens == expected).mean() > 0.99          # rounding may move a rare boundary draw
+    assert (np.abs(tokens - expected) <= 1).all()
+
+
 @pytest.mark.parametrize("top_k,top_p", [(3, None), (None, 0.5), (5, 0.8)])
 def test_samples_never_leave_the_allowed_set(models, top_k, top_p):
     _, model = models
