@@ -135,10 +135,11 @@ def bench_generate(args):
     def run_jax(**options):
         return generate(model, prompts, max_new_tokens=new, **options)
 
-    def run_torch():
+    def run_torch(**sampling):
         with torch.no_grad():
-            return reference.generate(torch.tensor(prompts), do_sample=False, max_new_tokens=new,
-                                      min_new_tokens=new, pad_token_id=0)
+            return reference.generate(torch.tensor(prompts), max_new_tokens=new,
+                                      min_new_tokens=new, pad_token_id=0,
+                                      **(sampling or {"do_sample": False}))
 
     start = time.perf_counter()
     ours = run_jax()
@@ -170,7 +171,16 @@ def bench_generate(args):
     torch_s = best_time(run_torch, args.repeats)
     print(f"transformers  {tokens / torch_s:10.1f} new tokens/s  ({torch_s:.3f} s)")
     print(f"ratio (jaxsftdpo / transformers): {torch_s / jax_s:.2f}x; "
-          f"identical greedy tokens: {agree:.1%}")
+          f"identical greedy tokens: {agree:.1%}", flush=True)
+    # Sampling as the sonnet task does (its defaults); the two draw different tokens.
+    sampling = {"temperature": 1.2, "top_p": 0.9}
+    run_jax(**sampling)
+    jax_sampled_s = best_time(lambda: run_jax(**sampling), args.repeats)
+    torch_sampled_s = best_time(lambda: run_torch(do_sample=True, top_k=0, **sampling),
+                                args.repeats)
+    print(f"sampling (temperature 1.2, top-p 0.9): jaxsftdpo {tokens / jax_sampled_s:.1f}, "
+          f"transformers {tokens / torch_sampled_s:.1f} new tokens/s; ratio "
+          f"{torch_sampled_s / jax_sampled_s:.2f}x")
 
 
 def bench_memory(args):
@@ -601,7 +611,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
-    gen = sub.add_parser("generate", help="new tokens/s vs transformers greedy generation")
+    gen = sub.add_parser("generate", help="new tokens/s vs transformers generation, greedy and sampled")
     add_model_options(gen, gpt2_layers=6, width=256, heads=8)
     gen.add_argument("--batch", type=int, default=8)
     gen.add_argument("--prompt-len", type=int, default=32)
