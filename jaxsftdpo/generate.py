@@ -130,8 +130,9 @@ def nucleus_threshold(logits, top_p):
     That mass rises with v, so v is found by bisection over the 2^32 float32 values, in 32
     passes over the logits instead of a sort.
     """
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    keys = _ordered_int32(logits.astype(jnp.float32))
+    logits32 = logits.astype(jnp.float32)
+    probs = jax.nn.softmax(logits32, axis=-1)
+    keys = _ordered_int32(logits32)
 
     def halve(_, bounds):                   # the answer stays in [low, high]
         low, high = bounds
@@ -160,9 +161,10 @@ def sample_categorical(key, logits, chunk: int = 64) -> jax.Array:
     batch, vocab = logits.shape
     weights = jnp.exp(logits - logits.max(-1, keepdims=True))
     blocks = jnp.pad(weights, ((0, 0), (0, -vocab % chunk))).reshape(batch, -1, chunk)
-    block_ends = jnp.cumsum(blocks.sum(-1), axis=-1)
+    block_mass = blocks.sum(-1)
+    block_ends = jnp.cumsum(block_mass, axis=-1)
     point = jax.random.uniform(key, (batch, 1)) * block_ends[:, -1:]
-    block = _first_passing(block_ends, point, blocks.sum(-1) > 0)
+    block = _first_passing(block_ends, point, block_mass > 0)
     block_start = jnp.where(block > 0, jnp.take_along_axis(
         block_ends, jnp.maximum(block - 1, 0)[:, None], axis=1)[:, 0], 0.0)
     inside = jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0]

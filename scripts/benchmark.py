@@ -178,7 +178,8 @@ def bench_generate(args):
     jax_sampled_s = best_time(lambda: run_jax(**sampling), args.repeats)
     torch_sampled_s = best_time(lambda: run_torch(do_sample=True, top_k=0, **sampling),
                                 args.repeats)
-    print(f"sampling (temperature 1.2, top-p 0.9): jaxsftdpo {tokens / jax_sampled_s:.1f}, "
+    print(f"sampling (temperature {sampling['temperature']}, top-p {sampling['top_p']}): "
+          f"jaxsftdpo {tokens / jax_sampled_s:.1f}, "
           f"transformers {tokens / torch_sampled_s:.1f} new tokens/s; ratio "
           f"{torch_sampled_s / jax_sampled_s:.2f}x")
 
@@ -611,7 +612,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
-    gen = sub.add_parser("generate", help="new tokens/s vs transformers generation, greedy and sampled")
+    gen = sub.add_parser("generate",
+                         help="new tokens/s vs transformers generation, greedy and sampled")
     add_model_options(gen, gpt2_layers=6, width=256, heads=8)
     gen.add_argument("--batch", type=int, default=8)
     gen.add_argument("--prompt-len", type=int, default=32)
