@@ -20,6 +20,8 @@ REFERENCES = ("frozen_copy", "precomputed", "none")
 SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
 PARALLEL_MODES = ("jit", "pmap")
+BALANCES = ("none", "pairs", "all")
+CLOZE_TASKS = ("yes_no", "paraphrase")
 
 
 def stage(kind: str, *, epochs: int = 0, steps: int = 0, learning_rate: float = 1e-4,
@@ -71,6 +73,11 @@ def base_config() -> mlc.ConfigDict:
     # paraphrase / yes_no: each prompt becomes a user turn of the tokenizer's chat template,
     # followed by the generation prompt (as an Instruct model was trained); the answer follows
     c.data.chat_template = False
+    # paraphrase / yes_no: keep as many training examples of each answer as the rarest has (a
+    # seeded subset) for the preference pairs ("pairs") or for every stage ("all"). DPO on
+    # one-token answers weighs every pair alike, so with more "no" pairs than "yes" its first
+    # steps move the label prior; balanced pairs leave the prior out of the gradient.
+    c.data.balance = "none"
     c.data.temperature = 1.2           # sonnets: sampling for evaluation and rejected answers
     c.data.top_p = 0.9
     c.data.max_new_tokens = 128
@@ -152,6 +159,11 @@ def validate(c: mlc.ConfigDict) -> None:
     need(c.max_loss >= 0, f"config.max_loss={c.max_loss}; use 0 (off) or a positive bound")
     need(c.peak_flops >= 0, f"config.peak_flops={c.peak_flops}; use 0 (the devices' own peak) or "
                             f"the FLOP/s of all the run's devices")
+    need(c.data.balance in BALANCES,
+         f"config.data.balance={c.data.balance!r}; use one of {BALANCES}")
+    need(c.data.balance == "none" or c.data.task in CLOZE_TASKS,
+         f"config.data.balance={c.data.balance!r} balances the answers of a cloze task "
+         f"({', '.join(CLOZE_TASKS)}); task {c.data.task!r} has none, set it to none")
     need(c.dpo.reference in REFERENCES,
          f"config.dpo.reference={c.dpo.reference!r}; use one of {REFERENCES}")
     need(c.model.dtype in DTYPES, f"config.model.dtype={c.model.dtype!r}; use one of {DTYPES}")

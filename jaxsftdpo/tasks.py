@@ -57,13 +57,17 @@ class ClozeTask:
                           # that DPO could push apart instead of the answer
 
     def __init__(self, train: list[dict], dev: list[dict], answers: dict[int, str], tokenizer,
-                 max_length: int, chat_template: bool = False):
+                 max_length: int, chat_template: bool = False, balance: str = "none",
+                 seed: int = 0):
         if not train:
             raise UserError(f"the {self.name} training data has no usable example; check "
                             f"config.data.train")
         self.chat_template = chat_template
         train, dev = self.rendered(train, tokenizer), self.rendered(dev, tokenizer)
-        self.train, self.dev, self.tokenizer = train, dev, tokenizer
+        balanced = class_balanced(train, seed) if balance != "none" else train
+        self.train = balanced if balance == "all" else train
+        self.pair_examples = balanced
+        self.dev, self.tokenizer = dev, tokenizer
         self.labels = sorted(answers)
         self.answer_ids = batching.first_token_ids(tokenizer, [answers[k] for k in self.labels])
         self.answers = answers
@@ -81,7 +85,7 @@ class ClozeTask:
         return self.train
 
     def preference_pairs(self, policy=None) -> list[dict]:
-        return self._pairs(self.train)
+        return self._pairs(self.pair_examples)
 
     def dev_preference_pairs(self) -> list[dict]:
         """Held-out pairs for the DPO metrics of `evaluate`."""
@@ -128,7 +132,7 @@ class YesNoTask(ClozeTask):
     def __init__(self, data_config, tokenizer, max_length: int, seed: int):
         train, dev = synthetic.make_yes_no_task(data_config.n_train, data_config.n_dev, seed)
         super().__init__(train, dev, synthetic.LABEL_COMPLETIONS, tokenizer, max_length,
-                         data_config.chat_template)
+                         data_config.chat_template, data_config.balance, seed)
 
 
 def subsample(examples: list, scale: float, seed: int) -> list:
@@ -143,6 +147,21 @@ def subsample(examples: list, scale: float, seed: int) -> list:
         len(examples))[:keep])]
 
 
+def class_balanced(examples: list[dict], seed: int) -> list[dict]:
+    """A seeded subset of labelled `examples` holding as many of each label as the rarest
+    label has, in their original order."""
+    by_label: dict = {}
+    for i, e in enumerate(examples):
+        by_label.setdefault(e["label"], []).append(i)
+    if len(by_label) < 2:
+        raise UserError(f"config.data.balance: the training data has one label only "
+                        f"({next(iter(by_label))}); nothing to balance, set it to none")
+    rng = np.random.default_rng(seed)
+    fewest = min(map(len, by_label.values()))
+    keep = np.sort(np.concatenate([rng.permutation(idx)[:fewest] for idx in by_label.values()]))
+    return [examples[i] for i in keep]
+
+
 class ParaphraseTask(ClozeTask):
     """Quora paraphrase detection as in the course (jaxsftdpo.data.paraphrase), from the
     course's files or a hub dataset. Besides `dev_predictions.jsonl`, writes the course's
@@ -155,7 +174,8 @@ class ParaphraseTask(ClozeTask):
         if data_config.dev_limit > 0:
             dev = dev[:data_config.dev_limit]
         super().__init__(subsample(train, data_config.scale, seed), dev, paraphrase.ANSWERS,
-                         tokenizer, max_length, data_config.chat_template)
+                         tokenizer, max_length, data_config.chat_template, data_config.balance,
+                         seed)
         self.test = self.rendered(paraphrase.read(data_config.test, labelled=False,
                                                   what="config.data.test")
                                   if data_config.test else [], tokenizer)

@@ -3,6 +3,7 @@ paraphrase SFT-only and DPO-only beat the majority class, the sonnet pipeline ru
 sampled rejected answers -> DPO -> chrF, and JSONL data is scored on its dev rows."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -228,3 +229,46 @@ def test_prompt_logits_in_length_order_come_back_in_the_prompts_order():
     together = policy.prompt_logits(prompts, batch_size=4)
     alone = np.concatenate([policy.prompt_logits([p], batch_size=1) for p in prompts])
     np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("balance", ["pairs", "all"])
+def test_balance_keeps_as_many_of_each_answer_as_the_rarest_has(quora, balance):
+    from jaxsftdpo.data.tokenizer import ByteTokenizer
+    from jaxsftdpo.tasks import make_task
+
+    def task(balance, seed=0):
+        config = task_config("paraphrase", [stage("dpo", steps=1)], train=quora["train"],
+                             dev=quora["dev"], balance=balance)
+        return make_task(config.data, ByteTokenizer(), 512, seed)
+
+    plain, balanced = task("none"), task(balance)
+    yes = sum(e["label"] for e in plain.train)
+    assert 0 < yes < len(plain.train) / 2
+    pairs = balanced.preference_pairs()
+    assert [p["chosen"] for p in pairs].count("yes") == [p["chosen"] for p in pairs].count("no")
+    assert len(pairs) == 2 * yes
+    # every positive is kept, in file order; the negatives are a seeded subset
+    kept = [e["prompt"] for e in plain.train if e["label"] == 1]
+    assert [p["prompt"] for p in pairs if p["chosen"] == "yes"] == kept
+    assert pairs == task(balance).preference_pairs()
+    assert pairs != task(balance, seed=1).preference_pairs()
+    sft = balanced.sft_examples()
+    assert sft == (plain.train if balance == "pairs" else balanced.pair_examples)
+
+
+def test_balance_errors_name_the_fix(quora, tmp_path):
+    from jaxsftdpo.config import validate
+    from jaxsftdpo.errors import UserError
+
+    with pytest.raises(UserError, match="use one of"):
+        validate(task_config("paraphrase", [stage("sft", steps=1)], train=quora["train"],
+                             balance="yes"))
+    with pytest.raises(UserError, match="task 'sonnets' has none"):
+        validate(task_config("sonnets", [stage("sft", steps=1)], train=quora["train"],
+                             balance="pairs"))
+    one_label = tmp_path / "one.csv"
+    lines = Path(quora["train"]).read_text().splitlines()
+    one_label.write_text("\n".join([lines[0]] + [l for l in lines[1:] if l.endswith("0.0")]))
+    with pytest.raises(UserError, match="one label only"):
+        build_run(task_config("paraphrase", [stage("dpo", steps=1)], train=str(one_label),
+                              dev=quora["dev"], balance="pairs"))
