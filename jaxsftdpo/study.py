@@ -20,7 +20,8 @@ A grid file is a Python file whose `get_grid()` returns a dict; `--grid FILE:ARG
     seed_keys    config keys set to the seed; default ["seed"]
     overrides    {dotted key: value} applied to every cell before the cell's own
     metric       the score the paired differences and the grid plot use; default "accuracy"
-    compare      list of (cell A, cell B) name pairs: the table shows A - B with a bootstrap CI
+    compare      list of (cell A, cell B) name pairs: the table shows A - B with a bootstrap CI;
+                 B = "majority_class" (metric accuracy) is the dev set's most common answer
     n_boot       bootstrap replicates; default 2000
     description  a sentence shown above the table
 
@@ -58,6 +59,7 @@ from jaxsftdpo import study_report
 from jaxsftdpo.cli import exit_on_error
 from jaxsftdpo.errors import Diverged, Stopped, UserError, one_line
 from jaxsftdpo.runs import CONFIG_FILE, DIVERGED_FILE, RESULTS_FILE, config_changes
+from jaxsftdpo.study_report import MAJORITY_CLASS
 from jaxsftdpo.trainer import train_and_evaluate
 
 GRID_KEYS = {"name", "cells", "seeds", "seed_keys", "overrides", "metric", "compare", "n_boot",
@@ -70,7 +72,8 @@ _KEY_PART = re.compile(r"([A-Za-z_]\w*)((?:\[\d+\])*)")
 @dataclasses.dataclass
 class Cell:
     name: str
-    config: Path
+    config: Path            # the config file, resolved
+    config_name: str = ""   # the config as the grid file names it: what results record
     arg: str = ""
     overrides: dict = dataclasses.field(default_factory=dict)
     labels: dict = dataclasses.field(default_factory=dict)
@@ -144,6 +147,7 @@ def load_grid(path, *, extra_overrides: dict | None = None) -> Grid:
             raise UserError(f"{where}: name {raw['name']!r} may hold only letters, digits and "
                             f"_ . = + -")
         cells.append(Cell(name=str(raw["name"]), config=_find_config(raw["config"], path, where),
+                          config_name=str(raw["config"]),
                           arg=str(raw.get("arg", "")), overrides=dict(raw.get("overrides", {})),
                           labels=dict(raw.get("labels", {})),
                           reference=dict(raw.get("reference", {}))))
@@ -159,8 +163,12 @@ def load_grid(path, *, extra_overrides: dict | None = None) -> Grid:
                 n_boot=int(spec.get("n_boot", 2000)),
                 description=str(spec.get("description", "")))
     for pair in grid.compare:
-        if len(pair) != 2 or any(n not in names for n in pair):
-            raise UserError(f"{path}: compare entry {pair!r} must name two cells of the grid")
+        if len(pair) != 2 or pair[0] not in names or pair[1] not in [*names, MAJORITY_CLASS]:
+            raise UserError(f"{path}: compare entry {pair!r} must name two cells of the grid "
+                            f"(or a cell and {MAJORITY_CLASS!r})")
+        if pair[1] == MAJORITY_CLASS and grid.metric != "accuracy":
+            raise UserError(f"{path}: compare entry {pair!r}: the majority class is a baseline "
+                            f"of accuracy, not of metric {grid.metric!r}")
     for cell in grid.cells:
         cell_config(grid, cell, 0)
     return grid
@@ -342,7 +350,7 @@ def _record(cell: Cell, seed: int, out: Path) -> dict:
     timing = out / "study_run.json"
     finished = results_path.exists()
     diverged = out / DIVERGED_FILE
-    return {"cell": cell.name, "seed": seed, "labels": cell.labels, "config": str(cell.config),
+    return {"cell": cell.name, "seed": seed, "labels": cell.labels, "config": cell.config_name,
             "arg": cell.arg, "overrides": cell.overrides, "workdir": str(out),
             "finished": finished,
             "results": json.loads(results_path.read_text()) if finished else None,

@@ -31,6 +31,9 @@ from jaxsftdpo import stats
 from jaxsftdpo.reporting import read_metrics
 
 PERCENT = ("accuracy", "f1")
+# The B of a compared pair that is no cell: every dev example answered with the dev set's most
+# common label, the accuracy a classifier must beat before it has learned anything.
+MAJORITY_CLASS = "majority_class"
 
 
 def shown(metric: str, value: float) -> float:
@@ -189,14 +192,34 @@ def per_example_scores(workdir, metric: str) -> dict | None:
     return scores
 
 
+def majority_class_scores(workdir) -> dict | None:
+    """`{example id: 1.0 or 0.0}`: whether answering every dev example of a run's
+    dev_predictions.jsonl with the most common gold label (ties: the smallest) is correct; None
+    if the rows have no `label`."""
+    path = Path(workdir) / "dev_predictions.jsonl"
+    if not path.exists():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    if not rows or any("label" not in row for row in rows):
+        return None
+    labels, counts = np.unique([row["label"] for row in rows], return_counts=True)
+    majority = labels[np.argmax(counts)]
+    return {json.dumps(row.get("id", i)): float(row["label"] == majority)
+            for i, row in enumerate(rows)}
+
+
 def paired_scores(records, a: str, b: str, metric: str):
     """`[seeds, examples]` arrays of per-example scores of cells a and b on their shared seeds
-    and shared dev example ids (ids in a's order; cut to the fewest examples of any seed)."""
+    and shared dev example ids (ids in a's order; cut to the fewest examples of any seed).
+    `b = MAJORITY_CLASS` (accuracy only) pairs a's runs with the majority-class answer on the
+    same dev examples."""
     by = {(r["cell"], r["seed"]): r for r in records if r["finished"]}
+    seeds_b = {s for c, s in by if c == (a if b == MAJORITY_CLASS else b)}
     rows_a, rows_b = [], []
-    for seed in sorted({s for c, s in by if c == a} & {s for c, s in by if c == b}):
+    for seed in sorted({s for c, s in by if c == a} & seeds_b):
         sa = per_example_scores(by[(a, seed)]["workdir"], metric)
-        sb = per_example_scores(by[(b, seed)]["workdir"], metric)
+        sb = (majority_class_scores(by[(a, seed)]["workdir"]) if b == MAJORITY_CLASS
+              else per_example_scores(by[(b, seed)]["workdir"], metric))
         if sa is None or sb is None:
             return None
         ids = [i for i in sa if i in sb]

@@ -240,6 +240,8 @@ def test_paired_bootstrap_matches_exact_distribution():
      "configs/nope.py does not exist"),
     ("def get_grid():\n    return {'cells': [{'name': 'a', 'config': 'configs/quickstart.py'}],"
      " 'compare': [('a', 'b')]}\n", "must name two cells"),
+    ("def get_grid():\n    return {'cells': [{'name': 'a', 'config': 'configs/quickstart.py'}],"
+     " 'metric': 'f1', 'compare': [('a', 'majority_class')]}\n", "a baseline of accuracy"),
 ])
 def test_bad_grid_is_a_user_error(tmp_path, monkeypatch, body, message):
     monkeypatch.chdir(ROOT)
@@ -263,6 +265,24 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, args):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: "), proc.stderr
     assert not (tmp_path / "w").exists()
+
+
+def test_majority_class_pairs_each_run_with_the_most_common_dev_label(tmp_path):
+    from jaxsftdpo.study_report import MAJORITY_CLASS, majority_class_scores, paired_scores
+    labels = [0, 1, 0, 0, 1]
+    records = []
+    for seed, correct in enumerate(([1, 1, 0, 1, 1], [1, 0, 1, 1, 1])):
+        out = tmp_path / f"seed{seed}"
+        out.mkdir()
+        (out / "dev_predictions.jsonl").write_text("".join(
+            json.dumps({"id": f"q{i}", "label": g, "correct": c}) + "\n"
+            for i, (g, c) in enumerate(zip(labels, correct))))
+        records.append({"cell": "sft", "seed": seed, "finished": True, "workdir": str(out)})
+    assert majority_class_scores(tmp_path / "seed0") == {
+        '"q0"': 1.0, '"q1"': 0.0, '"q2"': 1.0, '"q3"': 1.0, '"q4"': 0.0}
+    a, b = paired_scores(records, "sft", MAJORITY_CLASS, "accuracy")
+    assert a.tolist() == [[1, 1, 0, 1, 1], [1, 0, 1, 1, 1]]
+    assert b.tolist() == [[1, 0, 1, 1, 0]] * 2
 
 
 def test_overrides_reach_the_config():
