@@ -29,6 +29,7 @@ def get_config():
     c = base_config()
     c.model.name_or_path = smollm2()
     c.model.dropout = False
+    c.model.dtype = "bfloat16"
     c.data.task = "paraphrase"
     c.data.train = "data/quora-minbert-train-12k.csv"
     c.data.dev = "data/quora-minbert-dev-2k.csv"
@@ -36,6 +37,7 @@ def get_config():
     c.data.dev_limit = 400
     c.data.max_length = 256
     c.data.eval_batch_size = 32
+    c.data.balance = "pairs"
     c.stages = [stage("sft", epochs=1, learning_rate=2e-5, schedule="cosine", warmup_steps=10,
                       batch_size=16),
                 stage("dpo", steps=16, learning_rate=5e-6, batch_size=16)]

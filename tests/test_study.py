@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxsftdpo import stats, study
+from jaxsftdpo import stats, study, study_report
 from jaxsftdpo.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -323,7 +323,8 @@ def two_cells(grid_arg: str, keep: list[str], overrides: dict, workdir):
     """The shipped grid `grid_arg` cut to the cells `keep`, one seed, on a tiny random Llama."""
     grid = study.load_grid(ROOT / grid_arg, extra_overrides={**ON_A_TINY_LLAMA, **overrides})
     grid.cells = [grid.cell(name) for name in keep]
-    grid.compare = [pair for pair in grid.compare if set(pair) <= set(keep)]
+    grid.compare = [pair for pair in grid.compare
+                    if set(pair) <= {*keep, study_report.MAJORITY_CLASS}]
     return grid, study.run_grid(grid, workdir, seeds=1, progress=False)
 
 
@@ -332,14 +333,17 @@ def test_smollm2_paraphrase_grid_runs_end_to_end(tmp_path):
     data = {"data.train": write_quora(tmp_path / "train.csv", 1200, 0),
             "data.dev": write_quora(tmp_path / "dev.csv", 40, 1)}
     grid, records = two_cells("configs/study/smollm2_paraphrase.py:size=cpu",
-                              ["zero_shot", "sft6_dpo6-lora8-n96"], data, tmp_path / "s")
+                              ["zero_shot", "sft32_dpo16-lora8-n768"], data, tmp_path / "s")
     assert all(r["finished"] for r in records)
     zero, staged = (r["results"] for r in records)
     assert [e["after"] for e in zero["evals"]] == ["start"]
     assert [e["after"] for e in staged["evals"]] == ["1:sft", "2:dpo"]  # eval_at_start off
-    assert staged["global_step"] == 12 and staged["trainable_params"] < staged["total_params"]
+    assert staged["global_step"] == 48 and staged["trainable_params"] < staged["total_params"]
     md = (tmp_path / "s" / "results.md").read_text()
-    assert "| zero_shot |" in md and "| sft6_dpo6-lora8-n96 |" in md
+    assert "| zero_shot |" in md and "| sft32_dpo16-lora8-n768 |" in md
+    assert "| sft32_dpo16-lora8-n768 | majority_class | 1 | 40 |" in md
+    with open(tmp_path / "s" / "results.csv") as f:  # as the grid names it, no machine's path
+        assert {row["config"] for row in csv.DictReader(f)} == {"configs/smollm2.py"}
 
 
 def test_smollm2_sonnet_grid_runs_end_to_end(tmp_path):

@@ -10,15 +10,18 @@ Every cell is configs/smollm2.py (the model, the course's prompt, the answer `ye
 next token, scored by its logit) with the cell's stages and parameterization. Schedules at equal
 depth: SFT only, DPO only (the pretrained model as reference), SFT then DPO (the hand-off policy
 as reference, its log-probs precomputed), × full fine-tuning and LoRA r = 8 (alpha 16, every
-linear layer), × two data scales; `zero_shot` (no training) is the reference row. Dev accuracy
+linear layer), × data scales (size=full); `zero_shot` (no training) is the reference row. Dev accuracy
 and macro F1. The seed picks the training subset and its order.
 
-- `size=cpu` (default; 2 CPU cores, about 50 minutes): 12 optimizer steps of batch 8 per
-  schedule (sft12, dpo12, sft6_dpo6); the data scales are 96 training pairs (each seen once)
-  and 24 (each seen four times), so the scale axis asks how much fresh data is worth at equal
-  compute; 2 seeds; the first 200 dev pairs scored, at the end of each stage. That is a few
-  minutes of training per cell: it measures where 100 examples move a pretrained model, not
-  where the study's 15 epochs end.
+- `size=cpu` (default; 2 CPU cores, about 80 minutes): 48 optimizer steps of batch 16 per
+  schedule on a seeded subset of 768 training pairs (one epoch of SFT): SFT only (sft48), SFT
+  then DPO (sft32_dpo16, and for FFT sft32_dpo16x4 at 4x the DPO rate) and DPO only (dpo48,
+  FFT), × FFT and LoRA r = 8; 2 seeds; the first 400 dev pairs, scored at the end of each
+  stage. Every trained cell is compared with zero-shot and with the majority class (answering
+  "no" to every pair) on the same dev pairs. DPO's pairs are class-balanced
+  (configs/smollm2.py's `data.balance`). A few minutes of training per cell: it asks where
+  750 examples move a pretrained model, and whether DPO adds to an SFT policy that already
+  beats the majority, not where the study's 15 epochs end.
 - `size=full` (an accelerator): the study's setup, 15 epochs (sft15, dpo15, sft3_dpo12,
   sft9_dpo6) at 100 / 10 / 1 % of the training file, FFT and LoRA r = 4 / 8 / 16, 3 seeds, the
   whole dev file.
@@ -35,6 +38,7 @@ step). Results of the CPU size: docs/results/smollm2/.
 """
 
 from jaxsftdpo.config import parse_cell_arg, stage
+from jaxsftdpo.study_report import MAJORITY_CLASS
 
 CONFIG = "configs/smollm2.py"
 TRAIN_ROWS = 11999   # usable rows of quora-minbert-train-12k.csv (one is malformed)
@@ -51,12 +55,15 @@ PARAMS = {"fft": {"param.kind": "fft"},
           "lora16": {"param.kind": "lora", "param.r": 16, "param.alpha": 32.0}}
 
 SIZES = {
-    "cpu": dict(unit="steps", seeds=2, params=("fft", "lora8"),
-                schedules={"sft12": [("sft", 12)], "dpo12": [("dpo", 12)],
-                           "sft6_dpo6": [("sft", 6), ("dpo", 6)]},
-                scales={"n96": 96 / TRAIN_ROWS, "n24": 24 / TRAIN_ROWS},
-                overrides={"data.dev_limit": 200}),
-    "full": dict(unit="epochs", seeds=3, params=tuple(PARAMS),
+    # A schedule is [(kind, steps or epochs[, multiple of the kind's rate])]; `only` limits a
+    # schedule to some params.
+    "cpu": dict(unit="steps", seeds=2, params=("fft", "lora8"), batch_size=16,
+                schedules={"sft48": [("sft", 48)], "sft32_dpo16": [("sft", 32), ("dpo", 16)],
+                           "sft32_dpo16x4": [("sft", 32), ("dpo", 16, 4.0)],
+                           "dpo48": [("dpo", 48)]},
+                only={"sft32_dpo16x4": ("fft",), "dpo48": ("fft",)},
+                scales={"n768": 768 / TRAIN_ROWS}, overrides={"data.dev_limit": 400}),
+    "full": dict(unit="epochs", seeds=3, params=tuple(PARAMS), batch_size=8,
                  schedules={"sft15": [("sft", 15)], "dpo15": [("dpo", 15)],
                             "sft3_dpo12": [("sft", 3), ("dpo", 12)],
                             "sft9_dpo6": [("sft", 9), ("dpo", 6)]},
@@ -65,12 +72,13 @@ SIZES = {
 }
 
 
-def stages(schedule, param: str, unit: str, rates=None):
-    """`[stage(...)]` of a schedule `[(kind, steps or epochs)]` at the rates for `param`."""
+def stages(schedule, param: str, unit: str, batch_size: int = 8, rates=None):
+    """`[stage(...)]` of a schedule `[(kind, steps or epochs[, rate multiple])]` at the rates
+    for `param`."""
     family = "fft" if param == "fft" else "lora"
-    return [stage(kind, **{unit: amount}, batch_size=8,
-                  learning_rate=(rates or LEARNING_RATES)[kind, family])
-            for kind, amount in schedule]
+    return [stage(kind, **{unit: amount}, batch_size=batch_size,
+                  learning_rate=(rates or LEARNING_RATES)[kind, family] * (factor or [1.0])[0])
+            for kind, amount, *factor in schedule]
 
 
 def common_overrides(extra: dict) -> dict:
@@ -93,27 +101,31 @@ def get_grid(arg: str = ""):
         raise ValueError(f"size={size!r}: use cpu, full or sweep")
     s = SIZES[size]
     cells, compare = [zero_shot("zero_shot", **{"data.scale": min(s["scales"].values())})], []
+    params_of = lambda schedule: s.get("only", {}).get(schedule, s["params"])  # noqa: E731
     for scale_name, scale in s["scales"].items():
         for schedule_name, schedule in s["schedules"].items():
-            for param in s["params"]:
+            for param in params_of(schedule_name):
                 cells.append({"name": f"{schedule_name}-{param}-{scale_name}", "config": CONFIG,
-                              "overrides": {"stages": stages(schedule, param, s["unit"]),
+                              "overrides": {"stages": stages(schedule, param, s["unit"],
+                                                             s["batch_size"]),
                                             "data.scale": scale, **PARAMS[param]},
                               "labels": {"schedule": schedule_name, "param": param,
                                          "scale": scale_name}})
     first, *others = s["schedules"]
     largest = next(iter(s["scales"]))
-    compare += [(f"{o}-{p}-{largest}", f"{first}-{p}-{largest}") for p in s["params"]
-                for o in others]
-    compare += [(f"{sch}-{p}-{x}", f"{sch}-fft-{x}") for x in s["scales"] for sch in s["schedules"]
-                for p in s["params"] if p != "fft"]
-    compare += [(f"{sch}-{p}-{largest}", f"{sch}-{p}-{x}") for sch in s["schedules"]
-                for p in s["params"] for x in s["scales"] if x != largest]
-    compare += [(f"{sch}-{p}-{largest}", "zero_shot") for sch in s["schedules"]
-                for p in s["params"]]
+    trained = [(sch, p) for sch in s["schedules"] for p in params_of(sch)]
+    compare += [(f"{o}-{p}-{largest}", f"{first}-{p}-{largest}") for o, p in trained
+                if o != first and p in params_of(first)]
+    compare += [(f"{sch}-{p}-{x}", f"{sch}-fft-{x}") for x in s["scales"] for sch, p in trained
+                if p != "fft" and "fft" in params_of(sch)]
+    compare += [(f"{sch}-{p}-{largest}", f"{sch}-{p}-{x}") for sch, p in trained
+                for x in s["scales"] if x != largest]
+    compare += [(f"{sch}-{p}-{largest}", baseline) for sch, p in trained
+                for baseline in ("zero_shot", MAJORITY_CLASS)]
     return {"name": f"paraphrase on SmolLM2-135M ({size})",
-            "description": "SFT / DPO / SFT → DPO at equal depth × FFT vs LoRA × data scale on "
-                           "SmolLM2-135M-Instruct; dev accuracy and macro F1.",
+            "description": "SFT / DPO / SFT → DPO at equal depth × FFT vs LoRA on "
+                           "SmolLM2-135M-Instruct; dev accuracy and macro F1 against zero-shot and "
+                           "the majority class.",
             "cells": cells, "seeds": s["seeds"], "overrides": common_overrides(s["overrides"]),
             "metric": "accuracy", "compare": compare}
 
@@ -126,7 +138,7 @@ def sweep_grid():
         for rate in rates:
             cells.append({"name": f"{kind}12-{param}-lr{rate:g}", "config": CONFIG,
                           "overrides": {"stages": stages([(kind, 12)], param, "steps",
-                                                         {(kind, family): rate}),
+                                                         rates={(kind, family): rate}),
                                         **PARAMS[param]},
                           "labels": {"schedule": f"{kind}12", "param": param,
                                      "learning_rate": rate}})
