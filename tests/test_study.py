@@ -364,3 +364,29 @@ def test_smollm2_sonnet_grid_runs_end_to_end(tmp_path):
     assert final["chrf_T1"] == final["chrf"] and 0 < final["chrf_T1.5"] <= 100
     assert (tmp_path / "s" / "chrf_temperature.png").stat().st_size > 1000
     assert "24.77" in (tmp_path / "s" / "results.md").read_text()  # the prompts' own chrF
+
+
+def test_gpu_study_script_runs_its_tiny_version_on_a_cpu(tmp_path):
+    """scripts/gpu_study.sh TINY=1: the size=gpu grid at depth 6 on a tiny GPT-2, every cell
+    finished, the report and the machine's description in OUT."""
+    import os
+    from test_tasks import write_quora
+    data = tmp_path / "data"
+    data.mkdir()
+    write_quora(data / "quora-minbert-train-12k.csv", 200, 0)
+    write_quora(data / "quora-minbert-dev-2k.csv", 40, 1)
+    env = {**os.environ, "TINY": "1", "DATA": str(data), "OUT": str(tmp_path / "out"),
+           "WORKDIR": str(tmp_path / "study"), "BUDGET_S": "500",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("XLA_FLAGS", None)  # one CPU device, as on the GPU machine
+    proc = subprocess.run(["bash", "scripts/gpu_study.sh"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    out = tmp_path / "out"
+    assert {"results.md", "results.csv", "grid.png", "study.log", "environment.txt"} <= {
+        p.name for p in out.iterdir()}
+    md = (out / "results.md").read_text()
+    for cell in ("sft6-fft-all", "dpo6-lora8-all", "sft2_dpo4-fft-all", "sft4_dpo2-lora8-all"):
+        assert f"| {cell} |" in md
+    assert "Not finished" not in md and "| sft6-fft-all | majority_class | 1 | 40 |" in md
+    assert "study: exit 0" in (out / "environment.txt").read_text()

@@ -22,6 +22,10 @@ and macro F1. The seed picks the training subset and its order.
   (configs/smollm2.py's `data.balance`). A few minutes of training per cell: it asks where
   750 examples move a pretrained model, and whether DPO adds to an SFT policy that already
   beats the majority, not where the study's 15 epochs end.
+- `size=gpu` (one GPU, at most 8 minutes of an H100; scripts/gpu_study.sh): the whole training
+  file, two epochs of depth (749 steps of batch 32; `depth=N` changes it) per schedule: SFT
+  only, DPO only, and SFT -> DPO with the hand-off after a third and after two thirds of the
+  depth, × FFT and LoRA r = 8, one seed, the whole dev file.
 - `size=full` (an accelerator): the study's setup, 15 epochs (sft15, dpo15, sft3_dpo12,
   sft9_dpo6) at 100 / 10 / 1 % of the training file, FFT and LoRA r = 4 / 8 / 16, 3 seeds, the
   whole dev file.
@@ -42,6 +46,8 @@ from jaxsftdpo.study_report import MAJORITY_CLASS
 
 CONFIG = "configs/smollm2.py"
 TRAIN_ROWS = 11999   # usable rows of quora-minbert-train-12k.csv (one is malformed)
+GPU_BATCH = 32
+GPU_DEPTH = 2 * TRAIN_ROWS // GPU_BATCH   # optimizer steps: two epochs of SFT over the file
 
 # Chosen by size=sweep (docs/results/smollm2/lr_sweep/results.md).
 LEARNING_RATES = {("sft", "fft"): 1e-4, ("sft", "lora"): 3e-4,
@@ -72,6 +78,25 @@ SIZES = {
 }
 
 
+def gpu_size(depth: int = GPU_DEPTH) -> dict:
+    """size=gpu at `depth` optimizer steps per schedule (`depth=` shrinks it for a CPU test).
+
+    Sized for at most 8 minutes of one H100 (scripts/gpu_study.sh) from the SFT step an H200
+    measured at this model's shape (34 ms for 8 x 1024 tokens, docs/results/accelerator/): a
+    batch of 32 of these ~60-token pairs is a quarter of those tokens, so about 20 ms an SFT
+    step and 40 ms a DPO step, 15-30 s a cell; model loads, compiles and evaluations are most
+    of the rest. One seed: two would not fit. Not yet run on a GPU."""
+    third = depth // 3
+    return dict(unit="steps", seeds=1, params=("fft", "lora8"), batch_size=GPU_BATCH,
+                schedules={f"sft{depth}": [("sft", depth)], f"dpo{depth}": [("dpo", depth)],
+                           f"sft{third}_dpo{depth - third}": [("sft", third),
+                                                               ("dpo", depth - third)],
+                           f"sft{depth - third}_dpo{third}": [("sft", depth - third),
+                                                               ("dpo", third)]},
+                scales={"all": 1.0},
+                overrides={"data.dev_limit": 0, "log_every": 25, "checkpoint_every": 10_000})
+
+
 def stages(schedule, param: str, unit: str, batch_size: int = 8, rates=None):
     """`[stage(...)]` of a schedule `[(kind, steps or epochs[, rate multiple])]` at the rates
     for `param`."""
@@ -94,12 +119,13 @@ def zero_shot(name: str, **overrides) -> dict:
 
 
 def get_grid(arg: str = ""):
-    size = parse_cell_arg(arg, {"size": "cpu"})["size"]
+    parsed = parse_cell_arg(arg, {"size": "cpu", "depth": str(GPU_DEPTH)})
+    size = parsed["size"]
     if size == "sweep":
         return sweep_grid()
-    if size not in SIZES:
-        raise ValueError(f"size={size!r}: use cpu, full or sweep")
-    s = SIZES[size]
+    if size not in (*SIZES, "gpu"):
+        raise ValueError(f"size={size!r}: use cpu, gpu, full or sweep")
+    s = gpu_size(int(parsed["depth"])) if size == "gpu" else SIZES[size]
     cells, compare = [zero_shot("zero_shot", **{"data.scale": min(s["scales"].values())})], []
     params_of = lambda schedule: s.get("only", {}).get(schedule, s["params"])  # noqa: E731
     for scale_name, scale in s["scales"].items():
