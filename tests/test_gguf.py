@@ -278,6 +278,7 @@ def smollm2_reference(smollm2):
     return transformers_gguf_model(smollm2)
 
 
+@pytest.mark.slow
 def test_smollm2_tensors_equal_transformers(smollm2, smollm2_reference):
     _, tensors = read_gguf(smollm2)
     theirs = smollm2_reference.state_dict()
@@ -295,6 +296,7 @@ def test_smollm2_tokenizer(smollm2):
     assert tokenizer.encode(text) == reference(text, add_special_tokens=False)["input_ids"]
 
 
+@pytest.mark.slow
 def test_smollm2_logits_and_greedy_tokens_equal_transformers(smollm2, smollm2_reference):
     """The real pretrained model, on left-padded text: the same logits up to float32 rounding
     over 30 layers (the weights are bit-identical), and 16 greedy tokens, token for token.

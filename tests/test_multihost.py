@@ -14,11 +14,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import testing
 
 ROOT = Path(__file__).resolve().parents[1]
 PROCESSES, LOCAL_DEVICES, STOP_AFTER = 2, 2, 2
 TIMEOUT_S = 300
+
+pytestmark = pytest.mark.slow  # two processes, each compiling its own steps
 
 
 def tiny_config():

@@ -328,6 +328,7 @@ def two_cells(grid_arg: str, keep: list[str], overrides: dict, workdir):
     return grid, study.run_grid(grid, workdir, seeds=1, progress=False)
 
 
+@pytest.mark.slow
 def test_smollm2_paraphrase_grid_runs_end_to_end(tmp_path):
     from test_tasks import write_quora
     data = {"data.train": write_quora(tmp_path / "train.csv", 1200, 0),
@@ -346,6 +347,7 @@ def test_smollm2_paraphrase_grid_runs_end_to_end(tmp_path):
         assert {row["config"] for row in csv.DictReader(f)} == {"configs/smollm2.py"}
 
 
+@pytest.mark.slow
 def test_smollm2_sonnet_grid_runs_end_to_end(tmp_path):
     from test_tasks import LINES, sonnet_file
     from jaxsftdpo.data import sonnets
@@ -366,6 +368,7 @@ def test_smollm2_sonnet_grid_runs_end_to_end(tmp_path):
     assert "24.77" in (tmp_path / "s" / "results.md").read_text()  # the prompts' own chrF
 
 
+@pytest.mark.slow
 def test_gpu_study_script_runs_its_tiny_version_on_a_cpu(tmp_path):
     """scripts/gpu_study.sh TINY=1: the size=gpu grid at depth 6 on a tiny GPT-2, every cell
     finished, the report and the machine's description in OUT."""
