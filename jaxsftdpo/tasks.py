@@ -74,6 +74,11 @@ class ClozeTask:
         self.dev_prompts = _prompt_items([e["prompt"] for e in dev], tokenizer, max_length,
                                          "dev")
         self.dev_labels = np.array([e["label"] for e in dev])
+        if len(dev) and len(set(self.dev_labels.tolist())) < 2:
+            raise UserError(f"the {self.name} dev data's {len(dev)} examples are all answered "
+                            f"{answers[int(self.dev_labels[0])]!r}: macro F1 is undefined with "
+                            f"one class; give dev data with both answers (a larger "
+                            f"data.dev_limit or data.dev_from_train, or another dev file)")
 
     def rendered(self, examples: list[dict], tokenizer) -> list[dict]:
         """The examples with their prompts in the chat template, with `data.chat_template`."""

@@ -272,3 +272,14 @@ def test_balance_errors_name_the_fix(quora, tmp_path):
     with pytest.raises(UserError, match="one label only"):
         build_run(task_config("paraphrase", [stage("dpo", steps=1)], train=str(one_label),
                               dev=quora["dev"], balance="pairs"))
+
+
+def test_a_dev_set_of_one_class_is_one_line_naming_why(quora, tmp_path):
+    from jaxsftdpo.errors import UserError
+
+    lines = Path(quora["dev"]).read_text().splitlines()
+    one_class = tmp_path / "dev.csv"
+    one_class.write_text("\n".join([lines[0]] + [l for l in lines[1:] if l.endswith("0.0")]))
+    with pytest.raises(UserError, match="all answered 'no': macro F1 is undefined"):
+        build_run(task_config("paraphrase", [stage("sft", steps=1)], train=quora["train"],
+                              dev=str(one_class)))
