@@ -334,15 +334,15 @@ def test_smollm2_paraphrase_grid_runs_end_to_end(tmp_path):
     data = {"data.train": write_quora(tmp_path / "train.csv", 1200, 0),
             "data.dev": write_quora(tmp_path / "dev.csv", 40, 1)}
     grid, records = two_cells("configs/study/smollm2_paraphrase.py:size=cpu",
-                              ["zero_shot", "sft32_dpo16-lora8-n768"], data, tmp_path / "s")
+                              ["zero_shot", "sft64_dpo16-fft-n1024"], data, tmp_path / "s")
     assert all(r["finished"] for r in records)
     zero, staged = (r["results"] for r in records)
     assert [e["after"] for e in zero["evals"]] == ["start"]
     assert [e["after"] for e in staged["evals"]] == ["1:sft", "2:dpo"]  # eval_at_start off
-    assert staged["global_step"] == 48 and staged["trainable_params"] < staged["total_params"]
+    assert staged["global_step"] == 80
     md = (tmp_path / "s" / "results.md").read_text()
-    assert "| zero_shot |" in md and "| sft32_dpo16-lora8-n768 |" in md
-    assert "| sft32_dpo16-lora8-n768 | majority_class | 1 | 40 |" in md
+    assert "| zero_shot |" in md and "| sft64_dpo16-fft-n1024 |" in md
+    assert "| sft64_dpo16-fft-n1024 | majority_class | 1 | 40 |" in md
     with open(tmp_path / "s" / "results.csv") as f:  # as the grid names it, no machine's path
         assert {row["config"] for row in csv.DictReader(f)} == {"configs/smollm2.py"}
 
