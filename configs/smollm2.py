@@ -12,7 +12,9 @@ the course's prompt; the answer is the next token `yes` or `no`.
 
 Full fine-tuning: SFT for one epoch over 1,024 training pairs (a seeded subset, batch 16, rate
 1e-4 with 10 warm-up steps and a cosine decay), then 16 DPO steps of 16 class-balanced
-preference pairs (sigmoid loss, beta 0.2, rate 5e-6) with the SFT policy as reference;
+preference pairs (sigmoid loss, beta 0.2, rate 5e-6) with the SFT policy as reference (its
+log-probs computed once at the hand-off, so no second copy of the model is held: two runs at
+once on a 24 GiB machine, one holding a frozen copy, ran out of memory);
 accuracy and macro F1 on the first 400 pairs of the dev file before training, after SFT and
 after DPO. Drop `data.dev_limit` (`--config.data.dev_limit=0`) to score the whole dev file.
 
@@ -55,6 +57,7 @@ def get_config():
                       batch_size=16),
                 stage("dpo", steps=16, learning_rate=5e-6, batch_size=16)]
     c.dpo.beta = 0.2
+    c.dpo.reference = "precomputed"   # one pass over the pairs; no second model in memory
     c.log_every = 5
     c.checkpoint_every = 16
     return finalize(c)
