@@ -1,4 +1,5 @@
-"""SFT and DPO losses as pure JAX functions, shared by the jit and the pmap train steps.
+"""SFT and preference losses (DPO, ORPO, SimPO) as pure JAX functions, shared by the jit and the
+pmap train steps.
 
 Batch conventions: `input_ids [B,T] int32`; `loss_mask [B,T] bool`, True on completion tokens
 (the ones to predict); logits `[B,T,V]` from `model(input_ids, attention_mask)`, where the
@@ -81,14 +82,14 @@ def split_chosen_rejected(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return x[: n // 2], x[n // 2:]
 
 
-def dpo_sft_term(logps: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """`(nll_sum, chosen_token_count)`: the SFT loss on the chosen half of a DPO batch.
+def chosen_nll(logps: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`(nll_sum, chosen_token_count)`: the SFT loss on the chosen half of a pair batch.
 
     Takes the token log-probs of the concatenated `[2B, K]` forward (chosen rows first), the
-    ones DPO's sequence sums come from, and masks out the rejected rows. This is TRL's
-    `rpo_alpha` term; the step combines it as
-    `total = dpo_loss_sum / pairs + weight * nll_sum / chosen_tokens`, each sum and count
-    reduced over micro-batches and devices first.
+    ones the sequence sums come from, and masks out the rejected rows. This is DPO's SFT term
+    (TRL's `rpo_alpha`), combined as
+    `total = dpo_loss_sum / pairs + weight * nll_sum / chosen_tokens`, and ORPO's NLL term; each
+    sum and count reduced over micro-batches and devices first.
     """
     chosen_rows = jnp.arange(valid.shape[0])[:, None] < valid.shape[0] // 2
     return nll(logps, valid & chosen_rows)
@@ -175,15 +176,110 @@ def dpo_loss(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array,
         z_ipo = per_token(chosen_ratio, chosen_tokens) - per_token(rejected_ratio, rejected_tokens)
         losses = (z_ipo - 1 / (2 * beta)) ** 2
 
+    metrics = reward_metrics(beta * chosen_ratio, beta * rejected_ratio, policy_chosen_logps,
+                             policy_rejected_logps)
+    return losses.sum(), _pair_count(z), metrics
+
+
+def reward_metrics(chosen_rewards: jax.Array, rejected_rewards: jax.Array,
+                   chosen_logps: jax.Array, rejected_logps: jax.Array) -> dict[str, jax.Array]:
+    """Sums over pairs, without gradient, of the metrics every TRL preference trainer logs:
+    `rewards/chosen`, `rewards/rejected`, `rewards/margins`, `rewards/accuracies` (pairs with
+    chosen reward > rejected reward), `logps/chosen`, `logps/rejected`; all `[B]` inputs."""
     sg = jax.lax.stop_gradient
-    chosen_rewards, rejected_rewards = beta * sg(chosen_ratio), beta * sg(rejected_ratio)
-    metrics = {
+    chosen_rewards, rejected_rewards = sg(chosen_rewards), sg(rejected_rewards)
+    return {
         "rewards/chosen": chosen_rewards.sum(),
         "rewards/rejected": rejected_rewards.sum(),
         "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
         "rewards/accuracies": (chosen_rewards > rejected_rewards).astype(jnp.float32).sum(),
-        "logps/chosen": sg(policy_chosen_logps).sum(),
-        "logps/rejected": sg(policy_rejected_logps).sum(),
+        "logps/chosen": sg(chosen_logps).sum(),
+        "logps/rejected": sg(rejected_logps).sum(),
     }
-    pair_count = jnp.asarray(z.shape[0], jnp.float32)
-    return losses.sum(), pair_count, metrics
+
+
+def _pair_count(per_pair: jax.Array) -> jax.Array:
+    return jnp.asarray(per_pair.shape[0], jnp.float32)
+
+
+# ---- reference-free objectives on length-averaged log-probs: ORPO, SimPO ---------------------
+
+def length_averaged(sums: jax.Array, tokens: jax.Array) -> jax.Array:
+    """`[B]` mean completion-token log-prob: `sums` (`sequence_sums`) over each row's token count
+    `tokens`, at least 1, as TRL's `get_batch_logps(average_log_prob=True)` for ORPO and SimPO
+    (where an empty completion gives 0/0)."""
+    return sums / jnp.maximum(jnp.asarray(tokens, jnp.float32), 1.0)
+
+
+def log1mexp(x: jax.Array) -> jax.Array:
+    """`log(1 - exp(x))` for `x < 0`, branching at `-log 2` as TRL's ORPO `log1mexp` does, so
+    neither branch loses precision to cancellation."""
+    return jnp.where(x < -jnp.log(2.0), jnp.log1p(-jnp.exp(x)), jnp.log(-jnp.expm1(x)))
+
+
+def check_orpo_options(*, beta: float) -> None:
+    """Raise `UserError` unless ORPO's odds-ratio weight `beta` (the paper's lambda) is > 0."""
+    if not beta > 0:
+        raise UserError(f"orpo.beta (the odds-ratio term's weight, the paper's lambda) must "
+                        f"be > 0, got {beta}")
+
+
+def odds_ratio_loss(chosen_logps: jax.Array, rejected_logps: jax.Array, *, beta: float
+                    ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """`(loss_sum, pair_count, metrics_sums)`: ORPO's odds-ratio term, as TRL 1.16's
+    `ORPOTrainer.odds_ratio_loss` defines it, on `[B]` length-averaged log-probs
+    (`length_averaged`) `lc`, `lr`:
+      `log_odds = (lc - lr) - (log1mexp(lc) - log1mexp(lr))`
+      per pair: `-beta * log_sigmoid(log_odds)`
+    summed over pairs. The whole ORPO loss adds the chosen completions' NLL per token (the step
+    combines `nll_sum / chosen_tokens + loss_sum / pairs`, each reduced over the global batch).
+
+    `metrics_sums` are sums over pairs (divide by the pair count), without gradient:
+    `reward_metrics` with rewards `beta * lc`, `beta * lr` and logps `lc`, `lr`, as TRL logs
+    them; `log_odds_ratio` (`log_sigmoid(log_odds)`) and `log_odds_chosen` (`log_odds`).
+
+    Raises `UserError` for `beta <= 0`.
+    """
+    check_orpo_options(beta=beta)
+    log_odds = (chosen_logps - rejected_logps) - (log1mexp(chosen_logps)
+                                                  - log1mexp(rejected_logps))
+    ratio = jax.nn.log_sigmoid(log_odds)
+    metrics = reward_metrics(beta * chosen_logps, beta * rejected_logps, chosen_logps,
+                             rejected_logps)
+    metrics["log_odds_ratio"] = jax.lax.stop_gradient(ratio).sum()
+    metrics["log_odds_chosen"] = jax.lax.stop_gradient(log_odds).sum()
+    return -beta * ratio.sum(), _pair_count(ratio), metrics
+
+
+def check_simpo_options(*, beta: float, gamma: float, label_smoothing: float) -> None:
+    """Raise `UserError` unless `beta > 0`, the margin `gamma >= 0` and `label_smoothing` is in
+    [0, 0.5). Python values only, as `check_dpo_options`."""
+    if not beta > 0:
+        raise UserError(f"simpo.beta must be > 0, got {beta}")
+    if not gamma >= 0:
+        raise UserError(f"simpo.gamma (the target reward margin) must be >= 0, got {gamma}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise UserError(f"simpo.label_smoothing must be in [0, 0.5), got {label_smoothing}")
+
+
+def simpo_loss(chosen_logps: jax.Array, rejected_logps: jax.Array, *, beta: float,
+               gamma: float, label_smoothing: float = 0.0
+               ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """`(loss_sum, pair_count, metrics_sums)` of SimPO, as TRL 1.16's `CPOTrainer.cpo_loss`
+    defines `loss_type="simpo"` (with `cpo_alpha=0`, `alpha=0`), on `[B]` length-averaged
+    log-probs `lc`, `lr`. With `u = beta * (lc - lr) - gamma` (TRL: `beta * (lc - lr -
+    simpo_gamma / beta)`, so `gamma` is the margin in reward units, TRL's `simpo_gamma`) and
+    `ls = label_smoothing`, the per-pair loss is
+      `-(1 - ls) * log_sigmoid(u) - ls * log_sigmoid(-u)`
+    summed over pairs. `metrics_sums`: `reward_metrics` with rewards `beta * lc`, `beta * lr`
+    and logps `lc`, `lr`, as TRL logs them.
+
+    Raises `UserError` for `beta <= 0`, `gamma < 0` or `label_smoothing` outside [0, 0.5).
+    """
+    check_simpo_options(beta=beta, gamma=gamma, label_smoothing=label_smoothing)
+    u = beta * (chosen_logps - rejected_logps) - gamma
+    losses = (-(1 - label_smoothing) * jax.nn.log_sigmoid(u)
+              - label_smoothing * jax.nn.log_sigmoid(-u))
+    metrics = reward_metrics(beta * chosen_logps, beta * rejected_logps, chosen_logps,
+                             rejected_logps)
+    return losses.sum(), _pair_count(losses), metrics

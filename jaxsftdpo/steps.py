@@ -1,10 +1,11 @@
-"""Compiled train and eval steps for SFT and DPO.
+"""Compiled train and eval steps for SFT and the preference stages (DPO, ORPO, SimPO).
 
 One pure loss function per stage kind serves every execution mode: `make_train_step` wraps it in
 gradient accumulation and an optimizer update for `jax.jit` over a mesh; the pmap mode calls the
-same function. Losses come as sums divided by a normaliser computed from the whole accumulated
-global batch up front, so accumulating micro-batches or splitting over devices gives exactly the
-loss of one big batch.
+same function. The preference kinds share one (`preference_loss`: chosen and rejected rows in one
+forward) and differ in their objective (`OBJECTIVES`); only DPO has a reference. Losses come as
+sums divided by a normaliser computed from the whole accumulated global batch up front, so
+accumulating micro-batches or splitting over devices gives exactly the loss of one big batch.
 
 Batch arrays carry a leading micro-batch axis `[grad_accum, micro_batch, T]`.
 """
@@ -46,6 +47,18 @@ class DPOSettings:
     # part (the policy at the hand-off); another model's graphdef when `ref` is that model's
     # whole state `(params, rest)` (`dpo.reference_path`).
     reference_graphdef: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ORPOSettings:
+    beta: float          # the odds-ratio term's weight: the paper's lambda, TRL's ORPOConfig.beta
+
+
+@dataclasses.dataclass(frozen=True)
+class SimPOSettings:
+    beta: float
+    gamma: float         # the target reward margin, TRL's simpo_gamma
+    label_smoothing: float
 
 
 def _concat_pairs(batch: dict) -> tuple:
@@ -108,6 +121,24 @@ def pair_completion_logps(model, batch: dict, scored_tokens=None):
             mean_logits)
 
 
+class PairScores(NamedTuple):
+    """The policy's scores of a micro-batch of pairs, chosen rows first
+    (`pair_completion_logps`)."""
+
+    logps: jax.Array        # [2B, K] token log-probs at the scored positions
+    valid: jax.Array        # [2B, K] which of them are real
+    sums: tuple             # (chosen [B], rejected [B]) summed completion log-probs
+    mean_logits: jax.Array  # [2B, K] vocabulary-mean logits there
+
+    def token_counts(self) -> tuple[jax.Array, jax.Array]:
+        """Completion-token counts `(chosen [B], rejected [B])`."""
+        return losses.split_chosen_rejected(self.valid.sum(-1))
+
+    def length_averaged(self) -> tuple[jax.Array, jax.Array]:
+        """Mean completion-token log-probs `(chosen [B], rejected [B])`, ORPO's and SimPO's."""
+        return tuple(map(losses.length_averaged, self.sums, self.token_counts()))
+
+
 def reference_function(graphdef, dpo: DPOSettings, scored_tokens=None):
     """`reference(frozen, ref, batch) -> (chosen [B], rejected [B])`: the reference's summed
     completion log-probs of a micro-batch's pairs, never differentiated. Where they come from
@@ -143,37 +174,77 @@ def sft_loss(trainable, frozen, ref, batch, rng, norm, *, graphdef, scored_token
     return nll_sum / norm["tokens"], {"loss": nll_sum / norm["tokens"], "tokens": tokens}
 
 
-def dpo_loss(trainable, frozen, ref, batch, rng, norm, *, graphdef, dpo: DPOSettings,
-             reference, scored_tokens=None):
-    """DPO loss of the global batch contributed by this micro-batch; metrics as TRL names them:
-    the `losses.dpo_loss` ones per pair, `logits/chosen` and `logits/rejected` per completion
-    token of their half (`losses.completion_logit_sums`), each over the whole global batch."""
-    del rng  # DPO runs without dropout, so policy and reference see the same network
-    ref_chosen, ref_rejected = reference(frozen, ref, batch)
+def preference_loss(trainable, frozen, ref, batch, rng, norm, *, graphdef, objective,
+                    reference=None, scored_tokens=None):
+    """The loss of a preference stage's global batch contributed by this micro-batch: chosen and
+    rejected rows in one forward, scored by `objective(scores, norm, reference_logps) ->
+    (loss, metrics)` (`OBJECTIVES`), where `reference(frozen, ref, batch)` gives DPO's reference
+    log-probs and None (reference-free) computes none. Metrics as TRL names them, each over the
+    whole global batch: the objective's, `logits/chosen` and `logits/rejected` per completion
+    token of their half (`losses.completion_logit_sums`), `loss` and `tokens`."""
+    del rng  # preference stages run without dropout, so policy and reference see one network
+    reference_logps = None if reference is None else reference(frozen, ref, batch)
     model = nnx.merge(graphdef, trainable, frozen)
-    logps, valid, (chosen, rejected), mean_logits = pair_completion_logps(model, batch,
-                                                                          scored_tokens)
-    chosen_tokens, rejected_tokens = losses.split_chosen_rejected(valid.sum(-1))
-    loss_sum, _, metric_sums = losses.dpo_loss(
-        chosen, rejected, ref_chosen, ref_rejected, beta=dpo.beta, loss_type=dpo.loss_type,
-        label_smoothing=dpo.label_smoothing, chosen_tokens=chosen_tokens,
-        rejected_tokens=rejected_tokens)
-    loss = loss_sum / norm["pairs"]
-    metrics = {name: value / norm["pairs"] for name, value in metric_sums.items()}
-    logit_sums = losses.completion_logit_sums(mean_logits, valid)
+    scores = PairScores(*pair_completion_logps(model, batch, scored_tokens))
+    loss, metrics = objective(scores, norm, reference_logps)
+    logit_sums = losses.completion_logit_sums(scores.mean_logits, scores.valid)
     metrics["logits/chosen"] = logit_sums["logits/chosen"] / norm["chosen_tokens"]
     metrics["logits/rejected"] = logit_sums["logits/rejected"] / norm["rejected_tokens"]
-    metrics["dpo_loss"] = loss
-    if dpo.sft_weight:
-        nll_sum, _ = losses.dpo_sft_term(logps, valid)
-        metrics["sft_loss"] = nll_sum / norm["chosen_tokens"]
-        loss = loss + dpo.sft_weight * metrics["sft_loss"]
     metrics["loss"] = loss
     # Non-padding tokens, prompts included, of chosen and rejected rows: the amount TRL adds
     # to its running `num_tokens` each step.
     tokens = batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum()
     metrics["tokens"] = tokens.astype(jnp.float32)
     return loss, metrics
+
+
+def _per_pair(metric_sums: dict, norm: dict) -> dict:
+    return {name: value / norm["pairs"] for name, value in metric_sums.items()}
+
+
+def dpo_objective(scores: PairScores, norm, reference_logps, *, settings: DPOSettings):
+    """DPO (`losses.dpo_loss`) per pair, plus `settings.sft_weight` times the chosen
+    completions' NLL per token; metrics: `losses.dpo_loss`'s per pair, `dpo_loss`, and
+    `sft_loss` with an SFT term."""
+    chosen_tokens, rejected_tokens = scores.token_counts()
+    loss_sum, _, metric_sums = losses.dpo_loss(
+        *scores.sums, *reference_logps, beta=settings.beta, loss_type=settings.loss_type,
+        label_smoothing=settings.label_smoothing, chosen_tokens=chosen_tokens,
+        rejected_tokens=rejected_tokens)
+    metrics = _per_pair(metric_sums, norm)
+    loss = loss_sum / norm["pairs"]
+    metrics["dpo_loss"] = loss
+    if settings.sft_weight:
+        nll_sum, _ = losses.chosen_nll(scores.logps, scores.valid)
+        metrics["sft_loss"] = nll_sum / norm["chosen_tokens"]
+        loss = loss + settings.sft_weight * metrics["sft_loss"]
+    return loss, metrics
+
+
+def orpo_objective(scores: PairScores, norm, reference_logps, *, settings: ORPOSettings):
+    """ORPO: the chosen completions' NLL per token plus the odds-ratio term per pair
+    (`losses.odds_ratio_loss`, on length-averaged log-probs); metrics: the odds-ratio term's
+    per pair and `nll_loss`, as TRL's ORPOTrainer logs them."""
+    del reference_logps  # None: reference-free
+    or_sum, _, metric_sums = losses.odds_ratio_loss(*scores.length_averaged(),
+                                                    beta=settings.beta)
+    metrics = _per_pair(metric_sums, norm)
+    nll_sum, _ = losses.chosen_nll(scores.logps, scores.valid)
+    metrics["nll_loss"] = nll_sum / norm["chosen_tokens"]
+    return metrics["nll_loss"] + or_sum / norm["pairs"], metrics
+
+
+def simpo_objective(scores: PairScores, norm, reference_logps, *, settings: SimPOSettings):
+    """SimPO (`losses.simpo_loss`, on length-averaged log-probs) per pair; its metrics per
+    pair."""
+    del reference_logps  # None: reference-free
+    loss_sum, _, metric_sums = losses.simpo_loss(
+        *scores.length_averaged(), beta=settings.beta, gamma=settings.gamma,
+        label_smoothing=settings.label_smoothing)
+    return loss_sum / norm["pairs"], _per_pair(metric_sums, norm)
+
+
+OBJECTIVES = {"dpo": dpo_objective, "orpo": orpo_objective, "simpo": simpo_objective}
 
 
 def accumulated_grads(loss_fn, trainable, frozen, ref, batch, rng, norm):
@@ -256,23 +327,30 @@ def optimizer_update(tx: optax.GradientTransformation, state: TrainState, grads)
     return TrainState(state.step + 1, optax.apply_updates(state.trainable, updates), opt_state)
 
 
-def loss_function(kind: str, graphdef, dpo: DPOSettings | None, scored_tokens: int | None):
-    """`loss_fn(trainable, frozen, ref, batch, rng, norm) -> (loss, metrics)` of a stage kind."""
+Settings = DPOSettings | ORPOSettings | SimPOSettings | None
+
+
+def loss_function(kind: str, graphdef, settings: Settings, scored_tokens: int | None):
+    """`loss_fn(trainable, frozen, ref, batch, rng, norm) -> (loss, metrics)` of a stage kind;
+    `settings` are a preference kind's (`DPOSettings` for dpo, ...), None for sft."""
     if kind == "sft":
         return functools.partial(sft_loss, graphdef=graphdef, scored_tokens=scored_tokens)
-    return functools.partial(dpo_loss, graphdef=graphdef, dpo=dpo, scored_tokens=scored_tokens,
-                             reference=reference_function(graphdef, dpo, scored_tokens))
+    reference = reference_function(graphdef, settings, scored_tokens) if kind == "dpo" else None
+    return functools.partial(preference_loss, graphdef=graphdef, scored_tokens=scored_tokens,
+                             objective=functools.partial(OBJECTIVES[kind], settings=settings),
+                             reference=reference)
 
 
-def make_train_step(kind: str, graphdef, tx, dpo: DPOSettings | None, state_shardings=None,
+def make_train_step(kind: str, graphdef, tx, settings: Settings, state_shardings=None,
                     scored_tokens: int | None = None):
     """`step(state, frozen, ref, batch, rng) -> (state, metrics)`, jitted, state donated.
 
-    Compiles once per batch shape (length bucket) for the stage it was made for.
+    Compiles once per batch shape (length bucket) for the stage it was made for, with the
+    stage kind's `settings` (`loss_function`).
     `scored_tokens`, a bound on the completion tokens of any row of the stage's data, lets the
     LM head run only where it is needed (`completion_logps`).
     """
-    loss_fn = loss_function(kind, graphdef, dpo, scored_tokens)
+    loss_fn = loss_function(kind, graphdef, settings, scored_tokens)
     step = functools.partial(train_step, loss_fn=loss_fn, kind=kind, tx=tx)
     out_shardings = None if state_shardings is None else (state_shardings, None)
     return jax.jit(step, donate_argnums=(0,), out_shardings=out_shardings)
@@ -281,7 +359,7 @@ def make_train_step(kind: str, graphdef, tx, dpo: DPOSettings | None, state_shar
 PMAP_AXIS = "devices"
 
 
-def make_pmap_train_step(kind: str, graphdef, tx, dpo: DPOSettings | None, devices=None,
+def make_pmap_train_step(kind: str, graphdef, tx, settings: Settings, devices=None,
                          scored_tokens: int | None = None):
     """The pmap (data-parallel) counterpart of `make_train_step`, same call and same numbers.
 
@@ -295,7 +373,7 @@ def make_pmap_train_step(kind: str, graphdef, tx, dpo: DPOSettings | None, devic
     """
     devices = list(jax.local_devices() if devices is None else devices)
     n = len(devices)
-    loss_fn = loss_function(kind, graphdef, dpo, scored_tokens)
+    loss_fn = loss_function(kind, graphdef, settings, scored_tokens)
     body = functools.partial(train_step, loss_fn=loss_fn, kind=kind, tx=tx, axis_name=PMAP_AXIS)
     mapped = jax.pmap(body, axis_name=PMAP_AXIS, in_axes=(None, None, None, 1, None),
                       out_axes=None, donate_argnums=(0,), devices=devices)

@@ -1,6 +1,9 @@
-"""Losses against plain-math transcriptions, numpy log-softmax and torch cross-entropy."""
+"""Losses against plain-math transcriptions, numpy log-softmax, torch cross-entropy and TRL's own
+ORPO and SimPO loss functions."""
 
 import math
+import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -8,9 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from jaxsftdpo.errors import UserError
-from jaxsftdpo.losses import (dpo_loss, dpo_sft_term, nll, scored_mask, scored_token_index,
-                              sequence_sums, split_chosen_rejected, token_logprobs)
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # trl.experimental warns on import
+from trl.experimental.cpo import CPOTrainer  # noqa: E402
+from trl.experimental.orpo import ORPOTrainer  # noqa: E402
+
+from jaxsftdpo import steps  # noqa: E402
+from jaxsftdpo.errors import UserError  # noqa: E402
+from jaxsftdpo.losses import (chosen_nll, dpo_loss, nll, odds_ratio_loss,  # noqa: E402
+                              scored_mask, scored_token_index, sequence_sums, simpo_loss,
+                              split_chosen_rejected, token_logprobs)
 
 B, T, V = 4, 7, 11
 BETA = 0.3
@@ -273,7 +282,7 @@ def test_sft_loss_matches_torch_cross_entropy():
     np.testing.assert_allclose(nll / count, want.item(), rtol=1e-5)
 
 
-def test_split_chosen_rejected_and_dpo_sft_term():
+def test_split_chosen_rejected_and_chosen_nll():
     logits, ids, mask = _batch()
     chosen, rejected = split_chosen_rejected(jnp.arange(2 * 3 * 5).reshape(6, 5))
     np.testing.assert_array_equal(chosen, np.arange(15).reshape(3, 5))
@@ -281,7 +290,7 @@ def test_split_chosen_rejected_and_dpo_sft_term():
     with pytest.raises(ValueError):
         split_chosen_rejected(jnp.zeros((3, 2)))
 
-    got = dpo_sft_term(token_logprobs(logits, ids), scored_mask(mask))
+    got = chosen_nll(token_logprobs(logits, ids), scored_mask(mask))
     want = sft_loss(*(split_chosen_rejected(jnp.asarray(x))[0] for x in (logits, ids, mask)))
     np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
     assert got[1] == want[1]
@@ -320,6 +329,136 @@ def test_bad_dpo_options_raise_user_error(kwargs, match):
     kwargs = {"beta": BETA, **kwargs}
     with pytest.raises(UserError, match=match):
         dpo_loss(x, x, x, x, **kwargs)
+
+
+# ---- ORPO and SimPO against TRL 1.16's own functions -------------------------------------------
+
+def _trl_self(**attributes):
+    """What TRL's `odds_ratio_loss` and `cpo_loss` read of their trainer: settings, a device."""
+    return types.SimpleNamespace(accelerator=types.SimpleNamespace(device="cpu"), **attributes)
+
+
+def _pair_batch():
+    """Logits `[2B, T, V]`, ids and loss masks of B = 4 pairs, chosen rows first. Rows 0 and 5
+    have their completion tokens made likely, so some length-averaged log-probs fall above
+    -log 2 and some below: both branches of ORPO's `log1mexp`."""
+    logits, ids, mask = (np.concatenate(halves) for halves in zip(_batch(0), _batch(1)))
+    scored = scored_mask(mask)
+    for row, boost in ((0, 12.0), (5, 4.0)):
+        for t in np.flatnonzero(scored[row]):
+            logits[row, t - 1, ids[row, t]] += boost
+    return logits, ids, mask
+
+
+def _trl_scores(logits, ids, mask):
+    """TRL's view of a `[2B, T, V]` pair batch: torch logits that take gradients, the
+    length-averaged log-probs `(chosen [B], rejected [B])` of `get_batch_logps(
+    average_log_prob=True)` on labels that are the completion tokens (-100 elsewhere), and the
+    chosen completions' token-mean cross-entropy as CPOTrainer's `cross_entropy_loss` takes it
+    (ORPOTrainer's counts the prompt tokens too: a delta README "jaxsftdpo vs TRL" names)."""
+    logits = torch.tensor(logits, requires_grad=True)
+    labels = torch.from_numpy(np.where(mask, ids, -100)).long()
+    averaged = ORPOTrainer.get_batch_logps(logits, labels, average_log_prob=True)
+    half = len(ids) // 2
+    nll_loss = torch.nn.functional.cross_entropy(logits[:half, :-1].reshape(-1, V),
+                                                 labels[:half, 1:].reshape(-1))
+    return logits, averaged[:half], averaged[half:], nll_loss
+
+
+def _objective(kind, settings, logits, ids, mask):
+    """`(loss, metrics)` of the train step's objective `kind` (`steps.OBJECTIVES`) on a
+    `[2B, T, V]` pair batch that is the whole global batch."""
+    logps, valid = token_logprobs(logits, ids), scored_mask(mask)
+    scores = steps.PairScores(logps, valid, split_chosen_rejected(sequence_sums(logps, valid)),
+                              jnp.zeros(valid.shape))
+    chosen, rejected = split_chosen_rejected(valid)
+    norm = {"pairs": jnp.float32(len(ids) // 2), "chosen_tokens": chosen.sum(dtype=jnp.float32),
+            "rejected_tokens": rejected.sum(dtype=jnp.float32)}
+    return steps.OBJECTIVES[kind](scores, norm, None, settings=settings)
+
+
+def _trl_reward_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps):
+    """The metrics ORPOTrainer and CPOTrainer both log, as they compute them."""
+    return {"rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+            "logps/chosen": chosen_logps.mean(), "logps/rejected": rejected_logps.mean()}
+
+
+def _assert_matches_trl(kind, settings, trl_loss, trl_logits, want_metrics, logits, ids, mask):
+    """Our objective's loss, its gradient in the logits and its metrics equal TRL's."""
+    trl_loss.backward()
+    loss, metrics = _objective(kind, settings, logits, ids, mask)
+    grads = jax.grad(lambda x: _objective(kind, settings, x, ids, mask)[0])(logits)
+    np.testing.assert_allclose(loss, trl_loss.item(), rtol=1e-5)
+    assert np.abs(trl_logits.grad.numpy()).max() > 1e-3
+    np.testing.assert_allclose(grads, trl_logits.grad.numpy(), rtol=1e-4, atol=1e-6)
+    assert set(metrics) == set(want_metrics)
+    for name, want in want_metrics.items():
+        np.testing.assert_allclose(metrics[name], float(want), rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
+
+
+@pytest.mark.parametrize("beta", [0.1, 1.0])
+def test_orpo_loss_gradients_and_metrics_are_trls(beta):
+    """ORPO = the chosen completions' NLL + TRL's `odds_ratio_loss` term (`-mean(beta *
+    log_sigmoid(log_odds))`), from the logits on; metrics under TRL's names and values."""
+    logits, ids, mask = _pair_batch()
+    trl_logits, lc, lr, trl_nll = _trl_scores(logits, ids, mask)
+    both = torch.cat([lc, lr]).detach()
+    assert (both > -math.log(2)).any() and (both < -math.log(2)).any()  # both log1mexp branches
+    losses, chosen_rewards, rejected_rewards, log_odds_ratio, log_odds_chosen = (
+        ORPOTrainer.odds_ratio_loss(_trl_self(beta=beta), lc, lr))
+    want = {**_trl_reward_metrics(chosen_rewards, rejected_rewards, lc, lr),
+            "nll_loss": trl_nll, "log_odds_ratio": log_odds_ratio,
+            "log_odds_chosen": log_odds_chosen}
+    assert 0 < want["rewards/accuracies"] < 1
+    _assert_matches_trl("orpo", steps.ORPOSettings(beta=beta), trl_nll - losses.mean(),
+                        trl_logits, want, logits, ids, mask)
+
+
+@pytest.mark.parametrize("beta,gamma,label_smoothing", [
+    (2.0, 0.5, 0.0), (2.5, 1.4, 0.0), (1.0, 0.0, 0.0), (2.0, 0.5, 0.2)])
+def test_simpo_loss_gradients_and_metrics_are_trls(beta, gamma, label_smoothing):
+    """SimPO is TRL's `CPOTrainer.cpo_loss` with `loss_type="simpo"` (AlphaPO's alpha 0, no
+    `cpo_alpha` NLL term), `simpo_gamma` = gamma, from the logits on."""
+    logits, ids, mask = _pair_batch()
+    trl_logits, lc, lr, _ = _trl_scores(logits, ids, mask)
+    trainer = _trl_self(beta=beta, loss_type="simpo", simpo_gamma=gamma,
+                        label_smoothing=label_smoothing, alpha=0.0)
+    losses, chosen_rewards, rejected_rewards = CPOTrainer.cpo_loss(trainer, lc, lr)
+    settings = steps.SimPOSettings(beta=beta, gamma=gamma, label_smoothing=label_smoothing)
+    _assert_matches_trl("simpo", settings, losses.mean(), trl_logits,
+                        _trl_reward_metrics(chosen_rewards, rejected_rewards, lc, lr),
+                        logits, ids, mask)
+
+
+def test_simpo_gamma_is_the_margin_in_reward_units():
+    """A reward margin `beta * (lc - lr)` of exactly gamma costs log 2; TRL's `gamma / beta` is
+    the same margin in log-prob units."""
+    chosen, rejected = jnp.array([-1.0, -0.3]), jnp.array([-1.25, -0.55])
+    loss, pairs, metrics = simpo_loss(chosen, rejected, beta=2.0, gamma=0.5)
+    np.testing.assert_allclose(loss / pairs, math.log(2), rtol=1e-6)
+    np.testing.assert_allclose(metrics["rewards/margins"] / pairs, 0.5, rtol=1e-6)
+
+
+def test_orpo_metrics_carry_no_gradient():
+    chosen, rejected = jnp.array([-0.2, -1.5]), jnp.array([-0.9, -0.4])
+    g = jax.grad(lambda x: sum(odds_ratio_loss(x, rejected, beta=0.1)[2].values()))(chosen)
+    assert not np.any(g)
+
+
+@pytest.mark.parametrize("loss,kwargs,match", [
+    (odds_ratio_loss, dict(beta=0.0), r"orpo.beta .* must be > 0, got 0.0"),
+    (odds_ratio_loss, dict(beta=-0.1), r"orpo.beta .* must be > 0, got -0.1"),
+    (simpo_loss, dict(beta=0.0, gamma=0.5), r"simpo.beta must be > 0, got 0.0"),
+    (simpo_loss, dict(beta=2.0, gamma=-0.5), r"simpo.gamma .* must be >= 0, got -0.5"),
+    (simpo_loss, dict(beta=2.0, gamma=0.5, label_smoothing=0.5), r"\[0, 0.5\)"),
+])
+def test_bad_orpo_and_simpo_options_raise_user_error(loss, kwargs, match):
+    x = jnp.full(2, -1.0)
+    with pytest.raises(UserError, match=match):
+        loss(x, x, **kwargs)
 
 
 # ---- the DPO step's metrics on a tiny GPT-2 -------------------------------------------------
@@ -366,7 +505,6 @@ def test_dpo_step_logs_trls_logit_means_and_length_normalised_ipo(scored_only):
     tokens of the vocabulary-mean logit; `tokens` counts every non-padding token of chosen and
     rejected rows (TRL's per-step `num_tokens` increment); ipo gets each row's own completion
     length."""
-    from jaxsftdpo import steps
     from jaxsftdpo.config import stage
     model, graphdef, trainable, frozen, batch = _tiny_dpo_setup()
     most = max(int(batch[f"{n}_loss_mask"][..., 1:].sum(-1).max()) for n in ("chosen", "rejected"))
@@ -394,3 +532,55 @@ def test_dpo_step_logs_trls_logit_means_and_length_normalised_ipo(scored_only):
     np.testing.assert_allclose(metrics["loss"], _trl_ipo(chosen, rejected, zero, zero,
                                                          n_chosen, n_rejected, beta), rtol=1e-5)
     np.testing.assert_allclose(metrics["logps/chosen"], chosen.mean(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["orpo", "simpo"])
+def test_reference_free_step_is_trls_loss_over_the_global_batch(kind):
+    """Through the train step (two micro-batches, no reference): the loss and metrics are
+    TRL's, computed on the model's own logits with TRL's functions over the whole global batch
+    (the NLL a token mean over all its chosen completions, the rest means over its pairs);
+    `logits/*` the completion-token means, as for DPO."""
+    from jaxsftdpo.config import stage
+    model, graphdef, trainable, frozen, batch = _tiny_dpo_setup()
+    settings = (steps.ORPOSettings(beta=0.2) if kind == "orpo"
+                else steps.SimPOSettings(beta=2.0, gamma=0.5, label_smoothing=0.1))
+    tx, _ = steps.make_optimizer(stage(kind, steps=1, learning_rate=0.0), 1)
+    trainable = jax.tree.map(jnp.copy, trainable)  # the step donates it; `model` keeps its own
+    state = steps.TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
+    step = steps.make_train_step(kind, graphdef, tx, settings)
+    _, metrics = step(state, frozen, None, jax.tree.map(jnp.asarray, batch), None)
+
+    rows = lambda name, key: batch[f"{name}_{key}"].reshape(-1, batch[f"{name}_{key}"].shape[-1])
+    logits = np.concatenate([np.asarray(model(jnp.asarray(rows(n, "input_ids")),
+                                              jnp.asarray(rows(n, "attention_mask"))))
+                             for n in ("chosen", "rejected")])
+    ids, mask = (np.concatenate([rows(n, key) for n in ("chosen", "rejected")])
+                 for key in ("input_ids", "loss_mask"))
+    labels = torch.from_numpy(np.where(mask, ids, -100)).long()
+    with torch.no_grad():
+        logits_t = torch.from_numpy(logits)
+        averaged = ORPOTrainer.get_batch_logps(logits_t, labels, average_log_prob=True)
+        lc, lr = averaged.chunk(2)
+        half = len(ids) // 2
+        trl_nll = torch.nn.functional.cross_entropy(
+            logits_t[:half, :-1].reshape(-1, logits.shape[-1]), labels[:half, 1:].reshape(-1))
+        if kind == "orpo":
+            losses, chosen_rewards, rejected_rewards, log_odds_ratio, log_odds_chosen = (
+                ORPOTrainer.odds_ratio_loss(_trl_self(beta=settings.beta), lc, lr))
+            trl_loss = trl_nll - losses.mean()
+            extra = {"nll_loss": trl_nll, "log_odds_ratio": log_odds_ratio,
+                     "log_odds_chosen": log_odds_chosen}
+        else:
+            losses, chosen_rewards, rejected_rewards = CPOTrainer.cpo_loss(_trl_self(
+                beta=settings.beta, loss_type="simpo", simpo_gamma=settings.gamma,
+                label_smoothing=settings.label_smoothing, alpha=0.0), lc, lr)
+            trl_loss, extra = losses.mean(), {}
+    want = {"loss": trl_loss, **extra,
+            **_trl_reward_metrics(chosen_rewards, rejected_rewards, lc, lr)}
+    for name, value in want.items():
+        np.testing.assert_allclose(metrics[name], float(value), rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
+    _, n_chosen, chosen_logits = _direct_scores(model, batch, "chosen")
+    np.testing.assert_allclose(metrics["logits/chosen"], chosen_logits.sum() / n_chosen.sum(),
+                               rtol=1e-5, atol=1e-7)
+    assert set(metrics) == {*want, "logits/chosen", "logits/rejected", "tokens", "grad_norm"}

@@ -58,11 +58,17 @@ def build(param, mesh_shape, devices, **model):
     return config, mesh, graphdef, trainable, frozen
 
 
+# Each stage kind's train-step settings; DPO with its SFT term and a frozen-copy reference.
+SETTINGS = {"sft": None,
+            "dpo": steps.DPOSettings(beta=0.1, loss_type="sigmoid", label_smoothing=0.0,
+                                     sft_weight=0.5, reference="frozen_copy"),
+            "orpo": steps.ORPOSettings(beta=0.1),
+            "simpo": steps.SimPOSettings(beta=2.0, gamma=0.5, label_smoothing=0.1)}
+
+
 def run_steps(make, kind, graphdef, trainable, frozen, mesh, batches):
     st = stage(kind, steps=10, learning_rate=1e-2, max_grad_norm=0.0)
     tx, _ = steps.make_optimizer(st, 10)
-    dpo = steps.DPOSettings(beta=0.1, loss_type="sigmoid", label_smoothing=0.0,
-                            sft_weight=0.5, reference="frozen_copy") if kind == "dpo" else None
     trainable = jax.tree.map(jnp.copy, trainable)
     ref = jax.tree.map(jnp.copy, trainable) if kind == "dpo" else None
     state = steps.TrainState(jnp.zeros((), jnp.int32), trainable, jax.jit(tx.init)(trainable))
@@ -71,7 +77,7 @@ def run_steps(make, kind, graphdef, trainable, frozen, mesh, batches):
     shardings = jax.tree.map(lambda x: x.sharding if len(x.sharding.device_set) == mesh.size
                              else sharding.replicated(mesh), state)
     state = jax.device_put(state, shardings)
-    step = make(kind, graphdef, tx, dpo, shardings)
+    step = make(kind, graphdef, tx, SETTINGS[kind], shardings)
     history = []
     for batch in batches:
         state, metrics = step(state, frozen, ref, sharding.place_batch(batch, mesh, leading=1),
@@ -80,8 +86,10 @@ def run_steps(make, kind, graphdef, trainable, frozen, mesh, batches):
     return history, jax.device_get(state.trainable)
 
 
-@pytest.mark.parametrize("kind", ["sft", "dpo"])
-@pytest.mark.parametrize("param", ["fft", "lora"])
+# The reference-free kinds share DPO's step but for their objective: one parameterization each.
+@pytest.mark.parametrize("kind,param", [(kind, param) for kind in ("sft", "dpo")
+                                        for param in ("fft", "lora")]
+                         + [("orpo", "fft"), ("simpo", "lora")])
 def test_pmap_step_equals_jit_step(kind, param):
     devices = jax.devices()[:N]
     _, mesh, graphdef, trainable, frozen = build(param, dict(data=N, fsdp=1, tensor=1), devices)
