@@ -12,9 +12,12 @@ import re
 import ml_collections as mlc
 
 from jaxsftdpo.errors import UserError
-from jaxsftdpo.losses import check_dpo_options
+from jaxsftdpo.losses import check_dpo_options, check_orpo_options, check_simpo_options
 
-STAGE_KINDS = ("sft", "dpo")
+# Preference stages train on pairs (chosen and rejected rows in one forward); of them only dpo
+# has a reference model.
+PREFERENCE_KINDS = ("dpo", "orpo", "simpo")
+STAGE_KINDS = ("sft", *PREFERENCE_KINDS)
 PARAMS = ("fft", "lora")
 REFERENCES = ("frozen_copy", "precomputed", "none")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -46,7 +49,7 @@ def base_config() -> mlc.ConfigDict:
     c.model.init_seed = 0
     c.model.dtype = "float32"          # compute dtype; parameters and optimizer stay float32
     c.model.tokenizer = ""             # "" = the model's own; "bytes" = byte-level
-    c.model.dropout = True             # the checkpoint's dropout in SFT; DPO never uses dropout
+    c.model.dropout = True             # the checkpoint's dropout in SFT; none in preference stages
     c.model.allow_pickle = False
     c.model.remat = False              # recompute each transformer block's activations in backward
 
@@ -96,6 +99,13 @@ def base_config() -> mlc.ConfigDict:
     # README "jaxsftdpo vs TRL" has the formulas.
     c.dpo = mlc.ConfigDict(dict(beta=0.1, loss_type="sigmoid", label_smoothing=0.0,
                                 sft_weight=0.0, reference="frozen_copy", reference_path=""))
+    # The reference-free preference stages, on length-averaged completion log-probs, as TRL's
+    # ORPOTrainer and CPOTrainer(loss_type="simpo", cpo_alpha=0) define them (README "jaxsftdpo
+    # vs TRL"). orpo: the chosen completions' NLL + beta * the odds-ratio term (beta is the
+    # paper's lambda, TRL's ORPOConfig.beta). simpo: -log_sigmoid(beta * (lc - lr) - gamma),
+    # gamma the target reward margin (TRL's simpo_gamma), label_smoothing as cdpo's.
+    c.orpo = mlc.ConfigDict(dict(beta=0.1))
+    c.simpo = mlc.ConfigDict(dict(beta=2.0, gamma=0.5, label_smoothing=0.0))
 
     c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
@@ -181,8 +191,14 @@ def validate(c: mlc.ConfigDict) -> None:
              f"config.mesh.tensor=1, or use parallel.mode=jit to shard parameters")
     need(c.model.name_or_path or c.model.init.get("model_type"),
          "set config.model.name_or_path, or config.model.init for a model built from scratch")
-    if any(s.kind == "dpo" for s in c.stages):
+    kinds = {s.kind for s in c.stages}
+    if "dpo" in kinds:
         check_dpo_options(c.dpo.loss_type, beta=c.dpo.beta, label_smoothing=c.dpo.label_smoothing)
+    if "orpo" in kinds:
+        check_orpo_options(beta=c.orpo.beta)
+    if "simpo" in kinds:
+        check_simpo_options(beta=c.simpo.beta, gamma=c.simpo.gamma,
+                            label_smoothing=c.simpo.label_smoothing)
 
 
 def _check_target_modules(target_modules) -> None:

@@ -1,9 +1,9 @@
 """The data each stage of a run trains on, tokenized and checked before anything is written.
 
-An SFT stage trains on the task's sequences, a DPO stage on its preference pairs; a DPO stage
-whose pairs the task samples from the policy (the sonnets' rejected continuations) gets them at
-the hand-off (`policy_pairs`), written to the workdir once so that a resumed run trains on the
-very same pairs.
+An SFT stage trains on the task's sequences, a preference stage (dpo, orpo, simpo) on its
+preference pairs; a preference stage whose pairs the task samples from the policy (the sonnets'
+rejected continuations) gets them at the hand-off (`policy_pairs`), written to the workdir once
+so that a resumed run trains on the very same pairs.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 
 from jaxsftdpo import sharding
+from jaxsftdpo.config import PREFERENCE_KINDS
 from jaxsftdpo.data import batching
 from jaxsftdpo.errors import UserError
 from jaxsftdpo.reporting import write_atomically
@@ -34,7 +35,7 @@ def tokenize_stages(run) -> StageData:
     """Every stage's data for `run` (a `runs.Run` with its task), batch sizes checked against
     the mesh and the data."""
     config, task = run.config, run.task
-    data, tokenized_kinds = StageData([], []), {}
+    data, tokenized = StageData([], []), {}  # "sft" sequences, "preference" pairs: once each
     for i, stage in enumerate(config.stages):
         where = f"config.stages[{i}] ({stage.kind})"
         sharding.check_batch_size(stage.batch_size // stage.grad_accum, run.mesh,
@@ -42,19 +43,22 @@ def tokenize_stages(run) -> StageData:
         if stage.batch_size % stage.grad_accum:
             raise UserError(f"{where}: batch_size {stage.batch_size} is not divisible by "
                             f"grad_accum {stage.grad_accum}")
-        if stage.kind == "dpo" and task.PAIRS_NEED_POLICY:
+        pairs = stage.kind in PREFERENCE_KINDS
+        if pairs and task.PAIRS_NEED_POLICY:
             data.items.append(None)  # sampled from the policy at the hand-off
             continue
-        if stage.kind not in tokenized_kinds:
-            tokenized_kinds[stage.kind] = _tokenize(run, stage.kind, where, data.notes)
-        check_enough(tokenized_kinds[stage.kind], stage, where)
-        data.items.append(tokenized_kinds[stage.kind])
+        examples = "preference" if pairs else "sft"
+        if examples not in tokenized:
+            tokenized[examples] = _tokenize(run, examples, where, data.notes)
+        check_enough(tokenized[examples], stage, where)
+        data.items.append(tokenized[examples])
     return data
 
 
-def _tokenize(run, kind: str, where: str, notes: list) -> list:
+def _tokenize(run, examples: str, where: str, notes: list) -> list:
+    """The task's `examples`, "sft" (sequences) or "preference" (pairs), tokenized."""
     strict, task = not run.config.data.truncate, run.task
-    if kind == "sft":
+    if examples == "sft":
         tokenized = batching.tokenize_sft(task.sft_examples(), run.tokenizer, run.max_length,
                                           strict=strict, append_eos=task.APPEND_EOS)
     else:
@@ -62,12 +66,12 @@ def _tokenize(run, kind: str, where: str, notes: list) -> list:
         if not pairs:
             raise UserError(f"{where} needs preference pairs but task "
                             f"{run.config.data.task!r} gave none; provide prompt/chosen/"
-                            f"rejected data or drop the DPO stage")
+                            f"rejected data or drop the preference stage")
         tokenized = batching.tokenize_preferences(pairs, run.tokenizer, run.max_length,
                                                   strict=strict, append_eos=task.APPEND_EOS)
     if tokenized.truncated or tokenized.dropped:
-        notes.append(f"{kind} data: {tokenized.truncated} examples had their prompt cut from "
-                     f"the left, {tokenized.dropped} were dropped (longer than "
+        notes.append(f"{examples} data: {tokenized.truncated} examples had their prompt cut "
+                     f"from the left, {tokenized.dropped} were dropped (longer than "
                      f"max_length={run.max_length})")
     return tokenized.items
 
@@ -79,9 +83,9 @@ def check_enough(items, stage, where: str) -> None:
 
 
 def policy_pairs(run, data: StageData, stage_idx: int, workdir: Path) -> list:
-    """The tokenized pairs of DPO stage `stage_idx` whose rejected side the task samples from
-    the current policy (`run.trainable`), read back from the workdir when a run before this one
-    sampled them."""
+    """The tokenized pairs of preference stage `stage_idx` whose rejected side the task samples
+    from the current policy (`run.trainable`), read back from the workdir when a run before this
+    one sampled them."""
     path = Path(workdir) / f"pairs_stage{stage_idx + 1}.jsonl"
     if path.exists():
         pairs = [json.loads(line) for line in path.read_text().splitlines()]
@@ -89,14 +93,15 @@ def policy_pairs(run, data: StageData, stage_idx: int, workdir: Path) -> list:
         pairs = run.task.preference_pairs(run.policy())
         if jax.process_index() == 0:
             write_atomically(path, "".join(json.dumps(p) + "\n" for p in pairs))
-    where = f"config.stages[{stage_idx}] (dpo)"
+    stage = run.config.stages[stage_idx]
+    where = f"config.stages[{stage_idx}] ({stage.kind})"
     if not pairs:
         raise UserError(f"{where}: the task produced no preference pairs from the policy")
     tokenized = batching.tokenize_preferences(pairs, run.tokenizer, run.max_length,
                                               strict=False, append_eos=run.task.APPEND_EOS)
     if tokenized.truncated or tokenized.dropped:
-        data.notes.append(f"dpo pairs: {tokenized.truncated} had their prompt cut from the "
-                          f"left, {tokenized.dropped} were dropped (longer than "
+        data.notes.append(f"{stage.kind} pairs: {tokenized.truncated} had their prompt cut from "
+                          f"the left, {tokenized.dropped} were dropped (longer than "
                           f"max_length={run.max_length})")
-    check_enough(tokenized.items, run.config.stages[stage_idx], where)
+    check_enough(tokenized.items, stage, where)
     return tokenized.items

@@ -142,7 +142,8 @@ def _start_stage(run: Run, data: stage_data.StageData, stage_idx: int, workdir: 
     tx, schedule = steps.make_optimizer(stage, total)
     state = steps.init_train_state(tx, run.trainable)  # optimizer state sharded like params
     scored_tokens = batching.scored_tokens_bound(items)
-    dpo = _dpo_settings(run) if stage.kind == "dpo" else None
+    settings = _objective_settings(run, stage.kind)
+    dpo = settings if stage.kind == "dpo" else None  # the only kind with a reference
     saved = None
     if dpo is not None and dpo.reference == "precomputed":
         saved = (_zero_logps(len(items)) if resume is not None
@@ -153,22 +154,30 @@ def _start_stage(run: Run, data: stage_data.StageData, stage_idx: int, workdir: 
         saved = jax.tree.map(jnp.copy, run.trainable)
     if resume is not None:
         state, saved = resume.stage_state(state, saved)
-    step_fn = _make_step(run, stage.kind, tx, dpo, state, scored_tokens)
+    step_fn = _make_step(run, stage.kind, tx, settings, state, scored_tokens)
     return _Stage(stage_idx, stage.kind, items, state, total, steps_per_epoch, schedule,
                   step_fn, _feed(run, dpo, saved), saved)
 
 
-def _dpo_settings(run: Run) -> steps.DPOSettings:
-    d = run.config.dpo
-    return steps.DPOSettings(
-        beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
-        sft_weight=d.sft_weight, reference=d.reference,
-        reference_graphdef=None if run.reference is None else run.reference.graphdef)
+def _objective_settings(run: Run, kind: str) -> steps.Settings:
+    """The train step's settings of a stage `kind` (`steps.loss_function`), from the config."""
+    c = run.config
+    if kind == "dpo":
+        return steps.DPOSettings(
+            beta=c.dpo.beta, loss_type=c.dpo.loss_type, label_smoothing=c.dpo.label_smoothing,
+            sft_weight=c.dpo.sft_weight, reference=c.dpo.reference,
+            reference_graphdef=None if run.reference is None else run.reference.graphdef)
+    if kind == "orpo":
+        return steps.ORPOSettings(beta=c.orpo.beta)
+    if kind == "simpo":
+        return steps.SimPOSettings(beta=c.simpo.beta, gamma=c.simpo.gamma,
+                                   label_smoothing=c.simpo.label_smoothing)
+    return None
 
 
 def _feed(run: Run, dpo: steps.DPOSettings | None, saved):
     """`feed(batch, index) -> (ref, batch)`: what the step gets of the reference, decided once
-    for the stage."""
+    for the stage (nothing but a DPO stage has one)."""
     if dpo is None:
         return lambda batch, index: (None, batch)
     if dpo.reference == "precomputed":
@@ -191,13 +200,13 @@ def _precompute_reference(run: Run, items, batch_size: int) -> dict:
     return {"chosen": chosen, "rejected": rejected}
 
 
-def _make_step(run: Run, kind: str, tx, dpo, state, scored_tokens: int):
+def _make_step(run: Run, kind: str, tx, settings, state, scored_tokens: int):
     """The train step of `config.parallel.mode`; both take and return the same arrays, the
     state in the shardings it came in with (so the step compiles once per length bucket)."""
     if run.config.parallel.mode == "jit":
-        return steps.make_train_step(kind, run.graphdef, tx, dpo,
+        return steps.make_train_step(kind, run.graphdef, tx, settings,
                                      jax.tree.map(lambda x: x.sharding, state), scored_tokens)
-    return steps.make_pmap_train_step(kind, run.graphdef, tx, dpo,
+    return steps.make_pmap_train_step(kind, run.graphdef, tx, settings,
                                       devices=list(run.mesh.devices.flat),
                                       scored_tokens=scored_tokens)
 

@@ -88,6 +88,10 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path):
         "dpo without pairs": (["--config.data.task=jsonl", f"--config.data.train={sft_only}"],
                               ["stages[1]", "preference"]),
         "unknown stage kind": (["--config.stages[0].kind=ppo"], ["ppo", "sft"]),
+        # Only simpo's loss has a margin; orpo's and dpo's keys have no place for one.
+        "margin for a loss without one": (["--config.stages[1].kind=orpo",
+                                           "--config.orpo.gamma=0.5"],
+                                          ["--config.orpo.gamma: the config has no key gamma"]),
     }
     configs = {"missing config file": "/no/such.py", "unparsable config file": str(unparsable),
                "cell argument type": str(ROOT / "configs/paraphrase.py") + ":scale=abc"}
