@@ -389,7 +389,8 @@ def test_gpu_study_script_runs_its_tiny_version_on_a_cpu(tmp_path):
     assert {"results.md", "results.csv", "grid.png", "study.log", "environment.txt"} <= {
         p.name for p in out.iterdir()}
     md = (out / "results.md").read_text()
-    for cell in ("sft6-fft-all", "dpo6-lora8-all", "sft2_dpo4-fft-all", "sft4_dpo2-lora8-all"):
+    for cell in ("sft6-fft-all", "dpo6-lora8-all", "sft2_dpo4-fft-all", "sft4_dpo2-lora8-all",
+                 "orpo6-lora8-all"):
         assert f"| {cell} |" in md
     assert "Not finished" not in md and "| sft6-fft-all | majority_class | 1 | 40 |" in md
     assert "study: exit 0" in (out / "environment.txt").read_text()

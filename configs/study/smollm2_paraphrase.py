@@ -17,7 +17,8 @@ and macro F1. The seed picks the training subset and its order.
   optimizer steps of batch 16, one epoch over a seeded subset of 1,024 training pairs, warmed
   up for 10 steps and decayed by a cosine), FFT and LoRA r = 8; then, for FFT, 16 DPO steps
   of batch 16 after it at two rates (sft64_dpo16, and sft64_dpo16x4 at 4x); 2 seeds; the first
-  400 dev pairs, scored at the end of each stage. Every trained cell is compared with
+  400 dev pairs, scored at the end of each stage. orpo64 (FFT) asks "one stage or two?": ORPO
+  for as many steps on the same pairs, no reference. Every trained cell is compared with
   zero-shot and with the majority class (answering "no" to every pair) on the same dev pairs.
   DPO's pairs are class-balanced (configs/smollm2.py's `data.balance`). It asks where 1,000
   examples move a pretrained model, and whether DPO adds to or undoes an SFT policy that
@@ -25,8 +26,8 @@ and macro F1. The seed picks the training subset and its order.
   larger sizes (the 2 cores' time), and so is where the study's 15 epochs end.
 - `size=gpu` (one GPU, at most 8 minutes of an H100; scripts/gpu_study.sh): the whole training
   file, two epochs of depth (749 steps of batch 32; `depth=N` changes it) per schedule: SFT
-  only, DPO only, and SFT -> DPO with the hand-off after a third and after two thirds of the
-  depth, × FFT and LoRA r = 8, one seed, the whole dev file.
+  only, DPO only, SFT -> DPO with the hand-off after a third and after two thirds of the
+  depth, and ORPO (one stage, no reference), × FFT and LoRA r = 8, one seed, the whole dev file.
 - `size=full` (an accelerator): the study's setup, 15 epochs (sft15, dpo15, sft3_dpo12,
   sft9_dpo6) at 100 / 10 / 1 % of the training file, FFT and LoRA r = 4 / 8 / 16, 3 seeds, the
   whole dev file.
@@ -51,7 +52,10 @@ GPU_BATCH = 32
 GPU_DEPTH = 2 * TRAIN_ROWS // GPU_BATCH   # optimizer steps: two epochs of SFT over the file
 
 # Chosen by size=sweep (docs/results/smollm2/lr_sweep/results.md).
+# ORPO (one stage: SFT's NLL plus lambda times an odds-ratio term, no reference) at SFT's rates,
+# which its NLL term shares; not swept.
 LEARNING_RATES = {("sft", "fft"): 1e-4, ("sft", "lora"): 3e-4,
+                  ("orpo", "fft"): 1e-4, ("orpo", "lora"): 3e-4,
                   ("dpo", "fft"): 5e-6, ("dpo", "lora"): 5e-5}
 SWEEP = {("sft", "fft"): (1e-5, 3e-5, 1e-4), ("sft", "lora"): (1e-4, 3e-4, 1e-3),
          ("dpo", "fft"): (5e-6, 2e-5), ("dpo", "lora"): (5e-5, 2e-4)}
@@ -71,8 +75,9 @@ SIZES = {
     "cpu": dict(unit="steps", seeds=2, params=("fft", "lora8"), batch_size=16,
                 sft=dict(schedule="cosine", warmup_steps=10),
                 schedules={"sft64": [("sft", 64)], "sft64_dpo16": [("sft", 64), ("dpo", 16)],
-                           "sft64_dpo16x4": [("sft", 64), ("dpo", 16, 4.0)]},
-                only={"sft64_dpo16": ("fft",), "sft64_dpo16x4": ("fft",)},
+                           "sft64_dpo16x4": [("sft", 64), ("dpo", 16, 4.0)],
+                           "orpo64": [("orpo", 64)]},
+                only={"sft64_dpo16": ("fft",), "sft64_dpo16x4": ("fft",), "orpo64": ("fft",)},
                 scales={"n1024": 1024 / TRAIN_ROWS}, overrides={"data.dev_limit": 400}),
     "full": dict(unit="epochs", seeds=3, params=tuple(PARAMS), batch_size=8,
                  schedules={"sft15": [("sft", 15)], "dpo15": [("dpo", 15)],
@@ -89,8 +94,8 @@ def gpu_size(depth: int = GPU_DEPTH) -> dict:
     Sized for at most 8 minutes of one H100 (scripts/gpu_study.sh) from the SFT step an H200
     measured at this model's shape (34 ms for 8 x 1024 tokens, docs/results/accelerator/): a
     batch of 32 of these ~60-token pairs is a quarter of those tokens, so about 20 ms an SFT
-    step and 40 ms a DPO step, 15-30 s a cell; model loads, compiles and evaluations are most
-    of the rest. One seed: two would not fit. Not yet run on a GPU."""
+    step and 40 ms a DPO or ORPO step, 15-30 s a cell; model loads, compiles and evaluations
+    are most of the rest. One seed: two would not fit. Not yet run on a GPU."""
     third = depth // 3
     return dict(unit="steps", seeds=1, params=("fft", "lora8"), batch_size=GPU_BATCH,
                 sft=dict(schedule="cosine", warmup_steps=max(1, depth // 20)),
@@ -98,7 +103,8 @@ def gpu_size(depth: int = GPU_DEPTH) -> dict:
                            f"sft{third}_dpo{depth - third}": [("sft", third),
                                                                ("dpo", depth - third)],
                            f"sft{depth - third}_dpo{third}": [("sft", depth - third),
-                                                               ("dpo", third)]},
+                                                               ("dpo", third)],
+                           f"orpo{depth}": [("orpo", depth)]},
                 scales={"all": 1.0},
                 overrides={"data.dev_limit": 0, "log_every": 25, "checkpoint_every": 10_000})
 
@@ -156,6 +162,9 @@ def get_grid(arg: str = ""):
                 for x in s["scales"] if x != largest]
     compare += [(f"{sch}-{p}-{largest}", baseline) for sch, p in trained
                 for baseline in ("zero_shot", MAJORITY_CLASS)]
+    # one stage or two: ORPO against each SFT -> DPO schedule of the same parameterization
+    compare += [(f"{one}-{p}-{largest}", f"{two}-{p}-{largest}") for one, p in trained
+                for two, q in trained if one.startswith("orpo") and q == p and "_dpo" in two]
     return {"name": f"paraphrase on SmolLM2-135M ({size})",
             "description": "SFT / DPO / SFT → DPO at equal depth × FFT vs LoRA on "
                            "SmolLM2-135M-Instruct; dev accuracy and macro F1 against zero-shot and "
