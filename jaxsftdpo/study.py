@@ -59,7 +59,6 @@ from jaxsftdpo import study_report
 from jaxsftdpo.cli import exit_on_error
 from jaxsftdpo.errors import Diverged, Stopped, UserError, one_line
 from jaxsftdpo.runs import CONFIG_FILE, DIVERGED_FILE, RESULTS_FILE, config_changes
-from jaxsftdpo.study_report import MAJORITY_CLASS
 from jaxsftdpo.trainer import train_and_evaluate
 
 GRID_KEYS = {"name", "cells", "seeds", "seed_keys", "overrides", "metric", "compare", "n_boot",
@@ -162,11 +161,12 @@ def load_grid(path, *, extra_overrides: dict | None = None) -> Grid:
                 compare=[tuple(pair) for pair in spec.get("compare", [])],
                 n_boot=int(spec.get("n_boot", 2000)),
                 description=str(spec.get("description", "")))
+    majority = study_report.MAJORITY_CLASS
     for pair in grid.compare:
-        if len(pair) != 2 or pair[0] not in names or pair[1] not in [*names, MAJORITY_CLASS]:
+        if len(pair) != 2 or pair[0] not in names or pair[1] not in [*names, majority]:
             raise UserError(f"{path}: compare entry {pair!r} must name two cells of the grid "
-                            f"(or a cell and {MAJORITY_CLASS!r})")
-        if pair[1] == MAJORITY_CLASS and grid.metric != "accuracy":
+                            f"(or a cell and {majority!r})")
+        if pair[1] == majority and grid.metric != "accuracy":
             raise UserError(f"{path}: compare entry {pair!r}: the majority class is a baseline "
                             f"of accuracy, not of metric {grid.metric!r}")
     for cell in grid.cells:

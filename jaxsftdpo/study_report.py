@@ -177,35 +177,41 @@ def per_example_scores(workdir, metric: str) -> dict | None:
 
     For chrF the interval is thus over sentence-level chrF, an approximation: the table's chrF
     is corpus-level, which is not a mean over examples."""
-    path = Path(workdir) / "dev_predictions.jsonl"
-    if not path.exists():
+    rows = dev_predictions(workdir)
+    if rows is None:
         return None
     field = "correct" if metric == "accuracy" else metric
     scores = {}
-    for i, line in enumerate(path.read_text().splitlines()):
-        value = json.loads(line).get(field)
+    for key, row in rows.items():
+        value = row.get(field)
         if isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
             value = float(np.mean(value))  # e.g. sentence chrF per sampling seed
         if not isinstance(value, (int, float)):
             return None
-        scores[json.dumps(json.loads(line).get("id", i))] = float(value)
+        scores[key] = float(value)
     return scores
+
+
+def dev_predictions(workdir) -> dict | None:
+    """`{example id as JSON: row}` of a run's dev_predictions.jsonl (a row without an id is
+    keyed by its line number), or None if the run wrote none."""
+    path = Path(workdir) / "dev_predictions.jsonl"
+    if not path.exists():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return {json.dumps(row.get("id", i)): row for i, row in enumerate(rows)}
 
 
 def majority_class_scores(workdir) -> dict | None:
     """`{example id: 1.0 or 0.0}`: whether answering every dev example of a run's
     dev_predictions.jsonl with the most common gold label (ties: the smallest) is correct; None
     if the rows have no `label`."""
-    path = Path(workdir) / "dev_predictions.jsonl"
-    if not path.exists():
+    rows = dev_predictions(workdir)
+    if not rows or any("label" not in row for row in rows.values()):
         return None
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    if not rows or any("label" not in row for row in rows):
-        return None
-    labels, counts = np.unique([row["label"] for row in rows], return_counts=True)
+    labels, counts = np.unique([row["label"] for row in rows.values()], return_counts=True)
     majority = labels[np.argmax(counts)]
-    return {json.dumps(row.get("id", i)): float(row["label"] == majority)
-            for i, row in enumerate(rows)}
+    return {key: float(row["label"] == majority) for key, row in rows.items()}
 
 
 def paired_scores(records, a: str, b: str, metric: str):
