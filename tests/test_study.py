@@ -348,6 +348,31 @@ def test_smollm2_paraphrase_grid_runs_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
+def test_smollm2_dpo_select_grid_trains_dpo_alone_from_the_policy(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from test_tasks import write_quora
+    policy = tmp_path / "policy"
+    LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)).save_pretrained(policy)
+    with pytest.raises(UserError, match="policy=DIR"):
+        study.load_grid(ROOT / "configs/study/smollm2_paraphrase.py:size=dpo_select")
+    data = {"data.train": write_quora(tmp_path / "train.csv", 1200, 0),
+            "data.dev": write_quora(tmp_path / "dev.csv", 40, 1), "model.tokenizer": "bytes"}
+    grid = study.load_grid(ROOT / f"configs/study/smollm2_paraphrase.py:size=dpo_select,"
+                                  f"policy={policy}", extra_overrides=data)
+    grid.cells = [grid.cell(name) for name in ("sft_policy", "dpo16-lr5e-6-anchor1")]
+    grid.compare = [pair for pair in grid.compare if pair[0] == "dpo16-lr5e-6-anchor1"]
+    before, after = (r["results"] for r in study.run_grid(grid, tmp_path / "s", seeds=1,
+                                                           progress=False))
+    assert [e["after"] for e in before["evals"]] == ["start"]
+    assert [e["after"] for e in after["evals"]] == ["1:dpo"] and after["global_step"] == 16
+    config = json.loads((tmp_path / "s/runs/dpo16-lr5e-6-anchor1/seed0/config.json").read_text())
+    assert config["model"]["name_or_path"] == str(policy) and config["dpo"]["sft_weight"] == 1.0
+    assert config["data"]["dev_from_train"] == 400  # held-out training pairs, never the dev file
+    assert "| dpo16-lr5e-6-anchor1 | sft_policy | 1 | 400 |" in (tmp_path / "s/results.md"
+                                                                 ).read_text()
+
+
+@pytest.mark.slow
 def test_smollm2_sonnet_grid_runs_end_to_end(tmp_path):
     from test_tasks import LINES, sonnet_file
     from jaxsftdpo.data import sonnets

@@ -132,12 +132,14 @@ def zero_shot(name: str, **overrides) -> dict:
 
 
 def get_grid(arg: str = ""):
-    parsed = parse_cell_arg(arg, {"size": "cpu", "depth": str(GPU_DEPTH)})
+    parsed = parse_cell_arg(arg, {"size": "cpu", "depth": str(GPU_DEPTH), "policy": ""})
     size = parsed["size"]
     if size == "sweep":
         return sweep_grid()
+    if size == "dpo_select":
+        return dpo_select_grid(parsed["policy"])
     if size not in (*SIZES, "gpu"):
-        raise ValueError(f"size={size!r}: use cpu, gpu, full or sweep")
+        raise ValueError(f"size={size!r}: use cpu, gpu, full, sweep or dpo_select")
     s = gpu_size(int(parsed["depth"])) if size == "gpu" else SIZES[size]
     cells, compare = [zero_shot("zero_shot", **{"data.scale": min(s["scales"].values())})], []
     params_of = lambda schedule: s.get("only", {}).get(schedule, s["params"])  # noqa: E731
@@ -193,3 +195,43 @@ def sweep_grid():
                                            "data.scale": 128 / (TRAIN_ROWS - 160),
                                            "data.dev_limit": 0}),
             "metric": "accuracy", "compare": []}
+
+
+# size=dpo_select: configs/smollm2.py's DPO stage (16 steps of batch 16 at 5e-6) and the levers
+# that might keep it from undoing SFT: an NLL anchor on the chosen answer (RPO's sft_weight),
+# a 5x lower rate, twice the pairs per step.
+DPO_SELECT = {"dpo16-lr5e-6": {},
+              "dpo16-lr5e-6-anchor1": {"dpo.sft_weight": 1.0},
+              "dpo16-lr1e-6": {"stages[0].learning_rate": 1e-6},
+              "dpo16-lr5e-6-batch32": {"stages[0].batch_size": 32}}
+HELD_OUT = 400
+
+
+def dpo_select_grid(policy: str):
+    """DPO settings chosen on held-out training pairs, each from one SFT policy.
+
+    `policy` is configs/smollm2.py's SFT stage trained with `data.dev_from_train=400` and
+    exported (docs/results/smollm2/dpo_select/ has the commands). Each cell runs the config's
+    DPO stage alone from that policy (its log-probs are the precomputed reference, as at the
+    config's hand-off); the seed picks the DPO pairs and their order, so three seeds show how
+    far the same setting swings. `sft_policy` scores the policy itself, the row each DPO cell
+    is compared with, on the last 400 pairs of the training file (never the dev file)."""
+    if not policy:
+        raise ValueError("size=dpo_select needs policy=DIR: the exported SFT policy")
+    model = {"model.name_or_path": policy}
+    cells = [zero_shot("sft_policy", **model)]
+    cells += [{"name": name, "config": CONFIG,
+               "overrides": {"stages": stages([("dpo", 16)], "fft", "steps", 16), **model,
+                             **changes},
+               "labels": {"schedule": "dpo16", "param": "fft", "setting": name}}
+              for name, changes in DPO_SELECT.items()]
+    return {"name": "DPO settings after SFT, SmolLM2-135M on held-out training pairs",
+            "description": "configs/smollm2.py's DPO stage and three variants, each from the "
+                           "config's SFT policy; scored on the last 400 pairs of the training "
+                           "file; three seeds of DPO pairs.",
+            "cells": cells, "seeds": 3,
+            "overrides": common_overrides({"data.dev_from_train": HELD_OUT,
+                                           "data.dev_limit": 0}),
+            "metric": "accuracy",
+            "compare": [(name, other) for name in DPO_SELECT
+                        for other in ("sft_policy", MAJORITY_CLASS)]}
