@@ -12,12 +12,12 @@ from pathlib import Path
 import ml_collections as mlc
 import pytest
 from sacrebleu.metrics import CHRF
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 from jaxsftdpo import chrf, tasks
 from jaxsftdpo.config import base_config
-from jaxsftdpo.data import jsonl, paraphrase, sonnets
+from jaxsftdpo.data import batching, jsonl, paraphrase, sonnets
 from jaxsftdpo.data.tokenizer import ByteTokenizer, HFTokenizer
 from jaxsftdpo.errors import UserError
 
@@ -211,6 +211,99 @@ def test_jsonl_rows_of_every_shape(tmp_path, chat_tokenizer):
         {"id": 1, "prompt": "P2", "completion": "good", "chosen": "good", "rejected": "bad"},
         {"id": 2, "prompt": "<|system|>be kind\n<|user|>hi\n<|assistant|>",
          "completion": "hello\n"}]
+
+
+def chatml_tokenizer():
+    """SmolLM2's shape: the tokenizer adds a BOS, the template renders one too and closes every
+    turn with the eos token `<|im_end|>`."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["hello world"], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[
+        ("<s>", tok.token_to_id("<s>"))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|im_end|>")
+    fast.chat_template = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+                          "{{ m['content'] }}{% if not (continue_final_message and loop.last) %}"
+                          "<|im_end|>\n{% endif %}{% endfor %}"
+                          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return HFTokenizer(fast)
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+TRL_ROWS = [  # TRL's formats (trl.data_utils): standard and conversational
+    {"text": "hello world"},
+    {"messages": [user("hi"), assistant("hello")]},
+    {"prompt": [user("hi")], "completion": [assistant("hello")]},
+    {"prompt": [user("hi"), assistant("hel")], "completion": [assistant("lo")]},
+    {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."},
+    {"chosen": "The sky is blue.", "rejected": "The sky is green."},   # implicit prompt
+    {"prompt": [user("sky?")], "chosen": [assistant("blue")], "rejected": [assistant("red")]},
+    {"chosen": [user("sky?"), assistant("blue")], "rejected": [user("sky?"), assistant("red")]},
+    # HuggingFaceH4/ultrafeedback_binarized: a string prompt beside whole conversations
+    {"prompt": "sky?", "chosen": [user("sky?"), assistant("blue")],
+     "rejected": [user("sky?"), assistant("red")], "messages": [user("sky?"), assistant("blue")]},
+]
+
+
+@pytest.mark.parametrize("row", TRL_ROWS, ids=lambda r: "+".join(sorted(r)))
+def test_trl_formats_read_as_trl_reads_them(row):
+    from trl.data_utils import maybe_apply_chat_template, maybe_extract_prompt
+    tokenizer = chatml_tokenizer()
+    example = jsonl.to_example(row, tokenizer)
+    if "text" in row:
+        assert example == {"prompt": "", "completion": "hello world"}
+        return
+    trl_row = {k: v for k, v in row.items() if k != "messages" or "chosen" not in row}
+    expected = maybe_apply_chat_template(maybe_extract_prompt(trl_row), tokenizer.tokenizer)
+    if "text" in expected:  # TRL keeps a conversation whole; its last turn is ours to train
+        expected = maybe_apply_chat_template({"prompt": row["messages"][:-1],
+                                              "completion": row["messages"][-1:]},
+                                             tokenizer.tokenizer)
+    bos = "<s>" if any(isinstance(v, list) for v in row.values()) else ""
+    assert bos + example["prompt"] == expected["prompt"]   # the tokenizer adds the BOS itself
+    for key in ("completion", "chosen", "rejected"):
+        if key in expected:
+            assert example[key] == expected[key]
+
+
+def test_chat_template_applied_once_no_doubled_bos_or_eos():
+    tokenizer = chatml_tokenizer()
+    bos, eos = tokenizer.tokenizer.bos_token_id, tokenizer.eos_token_id
+    sft = jsonl.to_example({"messages": [user("hi"), assistant("hello")]}, tokenizer)
+    pair = jsonl.to_example({"chosen": [user("hi"), assistant("yes")],
+                             "rejected": [user("hi"), assistant("no")]}, tokenizer)
+    assert sft["closed"] and pair["closed"]
+    (row,), _, _ = batching.tokenize_sft([sft], tokenizer, 64)
+    ids = list(row.ids)
+    assert ids.count(bos) == 1 and ids[0] == bos
+    assert tokenizer.tokenizer.decode(ids).endswith("hello<|im_end|>\n") and ids.count(eos) == 2
+    ((chosen, rejected),), _, _ = batching.tokenize_preferences([pair], tokenizer, 64)
+    for side, answer in ((chosen, "yes"), (rejected, "no")):
+        assert list(side.ids).count(bos) == 1
+        assert tokenizer.tokenizer.decode(side.ids).endswith(f"{answer}<|im_end|>\n")
+    # standard rows still end with eos: nothing closed them
+    (plain,), _, _ = batching.tokenize_sft([{"prompt": "hi", "completion": "yo"}], tokenizer, 64)
+    assert list(plain.ids)[-1] == eos
+
+
+def test_pairs_whose_chosen_equals_rejected_are_counted_and_skipped(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "p.jsonl", [
+        {"prompt": "P", "chosen": "a", "rejected": "b"},
+        {"prompt": "P", "chosen": "same", "rejected": "same"},
+        {"chosen": [user("q"), assistant("x")], "rejected": [user("q"), assistant("x")]}])
+    assert len(jsonl.load(path, chatml_tokenizer())) == 1
+    assert "skipped 2 preference rows (lines 2, 3: chosen equals rejected" in (
+        capsys.readouterr().out)
 
 
 def test_malformed_jsonl_rows_are_counted(tmp_path, capsys):

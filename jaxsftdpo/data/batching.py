@@ -46,12 +46,12 @@ def tokenize_sft(examples: list[dict], tokenizer, max_length: int, *,
                  strict: bool = False, append_eos: bool = True) -> Tokenized:
     """`{"prompt", "completion"}` examples -> `Sequence`s of prompt + completion (+ eos).
 
-    Cloze tasks leave eos out: their completion is the answer alone, as the study scores it.
+    Cloze tasks leave eos out: their completion is the answer alone, as the study scores it; so
+    does an example whose chat template already closed the turn with eos (`"closed"`).
     """
-    end = [tokenizer.eos_token_id] if append_eos else []
-
     def encode(example):
-        return tokenizer.encode(example["prompt"]), [tokenizer.encode(example["completion"]) + end]
+        return (tokenizer.encode(example["prompt"]),
+                [tokenizer.encode(example["completion"]) + _end(example, tokenizer, append_eos)])
 
     def build(prefix, prompt, completions):
         return _sequence(prefix, prompt, completions[0])
@@ -63,9 +63,8 @@ def tokenize_preferences(pairs: list[dict], tokenizer, max_length: int, *,
                          strict: bool = False, append_eos: bool = True) -> Tokenized:
     """`{"prompt", "chosen", "rejected"}` -> `PreferencePair`s; both sides keep the same prompt
     tokens (cut to fit the longer answer), so their log-probs are conditioned alike."""
-    end = [tokenizer.eos_token_id] if append_eos else []
-
     def encode(pair):
+        end = _end(pair, tokenizer, append_eos)
         return (tokenizer.encode(pair["prompt"]),
                 [tokenizer.encode(pair[side]) + end for side in ("chosen", "rejected")])
 
@@ -73,6 +72,10 @@ def tokenize_preferences(pairs: list[dict], tokenizer, max_length: int, *,
         return PreferencePair(*(_sequence(prefix, prompt, c) for c in completions))
 
     return _tokenize(pairs, tokenizer, max_length, strict, encode, build)
+
+
+def _end(example: dict, tokenizer, append_eos: bool) -> list[int]:
+    return [tokenizer.eos_token_id] if append_eos and not example.get("closed") else []
 
 
 def tokenize_prompts(prompts: list[str], tokenizer, max_length: int) -> Tokenized:

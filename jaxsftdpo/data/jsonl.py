@@ -1,13 +1,19 @@
-"""Any user's data: JSON lines (or a Hugging Face hub dataset) for SFT and DPO.
+"""Any user's data: JSON lines (or a Hugging Face hub dataset) for SFT and DPO, in TRL's formats.
 
-A row is one of
-- `{"prompt": str, "completion": str}`: an SFT example (loss on the completion only);
-- `{"messages": [{"role", "content"}, ...]}` ending in an assistant turn: an SFT example, the
-  conversation rendered by the tokenizer's chat template, the last turn being the completion;
-- `{"prompt": str, "chosen": str, "rejected": str}`: a preference pair, which also serves SFT
-  with `chosen` as the completion.
+A row is one of, as TRL's trainers read them (standard = strings, conversational = lists of
+`{"role", "content"}` messages rendered by the tokenizer's chat template):
+- language modelling: `{"text": str}` (every token trained) or `{"messages": [...]}` ending in
+  an assistant turn (the last turn is the completion);
+- prompt-completion: `{"prompt", "completion"}`, both strings or both message lists;
+- preference: `{"prompt", "chosen", "rejected"}`, or with the prompt implicit (`{"chosen",
+  "rejected"}` sharing a beginning, which becomes the prompt, as trl.extract_prompt does; also
+  when a string `prompt` sits beside conversational chosen/rejected). A pair also serves SFT with
+  `chosen` as the completion.
+The chat template is applied once: a BOS it renders is dropped when the tokenizer adds one
+anyway, and a completion whose turn the template closed with the eos token gets no second one.
 An optional `id` names the row in per-example results. Rows of none of these shapes (bad JSON,
-missing or empty fields) are skipped and counted; a source without a usable row is an error.
+missing or empty fields) are skipped and counted, and so are pairs whose chosen equals rejected;
+a source without a usable row is an error.
 """
 
 from __future__ import annotations
@@ -27,18 +33,22 @@ def load(path: str, tokenizer, *, hub_dataset: str = "", hub_split: str = "",
         source, unit = f"{hub_dataset}[{hub_split}]", "row"
     else:
         numbered, source, unit = read_jsonl(path, what), path, "line"
-    examples, malformed = [], []
+    examples, malformed, identical = [], [], []
     for index, (number, row) in enumerate(numbered):
         example = to_example(row, tokenizer)
-        if example is None:
+        if _same_answers(row, example):
+            identical.append(number)
+        elif example is None:
             malformed.append(number)
-            continue
-        examples.append({"id": _row_id(row, index), **example})
-    report_skipped(source, malformed, "not prompt/completion, messages or prompt/chosen/rejected",
-                   unit)
+        else:
+            examples.append({"id": _row_id(row, index), **example})
+    report_skipped(source, malformed, "not text, messages, prompt/completion or "
+                   "[prompt/]chosen/rejected", unit)
+    report_skipped(source, identical, "chosen equals rejected, nothing to prefer", unit,
+                   kind="preference")
     if not examples:
-        raise UserError(f"{source} ({what}) has no usable row; give JSON lines with prompt/"
-                        f"completion, messages, or prompt/chosen/rejected")
+        raise UserError(f"{source} ({what}) has no usable row; give JSON lines with text, "
+                        f"messages, prompt/completion, or [prompt/]chosen/rejected")
     return examples
 
 
@@ -83,71 +93,141 @@ def _not_utf8(path: str, what: str) -> str:
             f"latin1 -t utf-8 {path} > fixed")
 
 
-def report_skipped(source: str, numbers: list[int], why: str, unit: str = "line") -> None:
+def report_skipped(source: str, numbers: list[int], why: str, unit: str = "line",
+                   kind: str = "malformed") -> None:
     """One line: how many rows were skipped, the first few by line (or row) number, and why."""
     if numbers:
         shown = ", ".join(map(str, numbers[:5])) + (", ..." if len(numbers) > 5 else "")
-        print(f"{source}: skipped {len(numbers)} malformed row{'s' * (len(numbers) != 1)} "
+        print(f"{source}: skipped {len(numbers)} {kind} row{'s' * (len(numbers) != 1)} "
               f"({unit}{'s' * (len(numbers) != 1)} {shown}: {why})")
 
 
 def to_example(row, tokenizer) -> dict | None:
-    """`{"prompt", "completion"[, "chosen", "rejected"]}`, or None for a malformed row."""
+    """`{"prompt", "completion"[, "chosen", "rejected"][, "closed"]}`, or None for a malformed
+    row; `closed`: the chat template ended the completion's turn with the eos token."""
     if not isinstance(row, dict):
         return None
+    if "chosen" in row or "rejected" in row:
+        return preference_example(row, tokenizer)
     if "messages" in row:
         return chat_example(row["messages"], tokenizer)
-    prompt = row.get("prompt")
-    if not isinstance(prompt, str):
+    prompt, completion = row.get("prompt"), row.get("completion")
+    if prompt is None and completion is None and _text(row.get("text")):
+        return {"prompt": "", "completion": row["text"]}
+    if _is_conversation(prompt) and _is_conversation(completion):
+        return _completion(rendered_answers(tokenizer, prompt, [completion]))
+    return {"prompt": prompt, "completion": completion} if (
+        isinstance(prompt, str) and _text(completion)) else None
+
+
+def preference_example(row: dict, tokenizer) -> dict | None:
+    chosen, rejected, prompt = row.get("chosen"), row.get("rejected"), row.get("prompt")
+    conversational = _is_conversation(chosen) and _is_conversation(rejected)
+    if not (conversational or (_text(chosen) and _text(rejected))):
         return None
-    if "chosen" in row or "rejected" in row:
-        chosen, rejected = row.get("chosen"), row.get("rejected")
-        if not (_text(chosen) and _text(rejected)):
+    if prompt is None or _is_conversation(prompt) != conversational:
+        prompt, chosen, rejected = shared_prompt(chosen, rejected)
+    if conversational:
+        rendered = rendered_answers(tokenizer, prompt, [chosen, rejected])
+        if rendered is None:
             return None
-        return {"prompt": prompt, "completion": chosen, "chosen": chosen, "rejected": rejected}
-    completion = row.get("completion")
-    return {"prompt": prompt, "completion": completion} if _text(completion) else None
+        prompt, (chosen, rejected), closed = rendered
+    elif not isinstance(prompt, str):
+        return None
+    if not (chosen and rejected):
+        return None
+    return {"prompt": prompt, "completion": chosen, "chosen": chosen, "rejected": rejected,
+            **({"closed": True} if conversational and closed else {})}
+
+
+def shared_prompt(chosen, rejected) -> tuple:
+    """The implicit prompt of a pair: the longest common beginning of chosen and rejected
+    (messages, or characters with a space before the difference left to the answers), as
+    trl.extract_prompt takes it."""
+    index = 0
+    while index < min(len(chosen), len(rejected)) and chosen[index] == rejected[index]:
+        index += 1
+    if isinstance(chosen, str) and index and chosen[index - 1] == " ":
+        index -= 1
+    return chosen[:index], chosen[index:], rejected[index:]
 
 
 def chat_example(messages, tokenizer) -> dict | None:
-    """The conversation before the last (assistant) turn, rendered with the generation prompt,
-    is the prompt; what the full rendering adds to it is the completion."""
-    if not (isinstance(messages, list) and len(messages) >= 2
-            and all(isinstance(m, dict) and _text(m.get("role")) and isinstance(
-                m.get("content"), str) for m in messages)
+    """The conversation before the last (assistant) turn is the prompt; that turn, as the
+    template renders it after the prompt, is the completion."""
+    if not (_is_conversation(messages) and len(messages) >= 2
             and messages[-1]["role"] == "assistant" and messages[-1]["content"]):
         return None
-    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-    prompt = _render(tokenizer, messages[:-1], add_generation_prompt=True)
-    full = _render(tokenizer, messages, add_generation_prompt=False)
-    if not full.startswith(prompt):
-        raise UserError("the tokenizer's chat template does not render a conversation as its "
-                        "earlier turns followed by the last one; give prompt/completion rows")
-    return {"prompt": prompt, "completion": full[len(prompt):]}
+    return _completion(rendered_answers(tokenizer, messages[:-1], [messages[-1:]]))
+
+
+def _completion(rendered: tuple | None) -> dict | None:
+    if rendered is None or not rendered[1][0]:
+        return None
+    prompt, (completion,), closed = rendered
+    return {"prompt": prompt, "completion": completion, **({"closed": True} if closed else {})}
+
+
+def rendered_answers(tokenizer, prompt: list, answers: list[list]) -> tuple | None:
+    """`(prompt text, [answer text], closed)` of a conversational prompt and its answers, as
+    TRL renders them: the prompt with the generation prompt (or continuing its last assistant
+    message), each answer as what the whole conversation's rendering adds to it. `closed`: every
+    answer ends with the eos token, so none gets another."""
+    if not (prompt and _is_conversation(prompt) and all(map(_is_conversation, answers))):
+        return None
+    prompt = [_message(m) for m in prompt]
+    continues = prompt[-1]["role"] == "assistant"
+    text = _render(tokenizer, prompt, add_generation_prompt=not continues,
+                   continue_final_message=continues)
+    full = [_render(tokenizer, prompt + [_message(m) for m in a], add_generation_prompt=False)
+            for a in answers]
+    for whole in full:  # as TRL: templates that add a token after the generation prompt
+        text = text[:next((i for i, (x, y) in enumerate(zip(text, whole)) if x != y),
+                          min(len(text), len(whole)))]
+    eos = _special(tokenizer, "eos_token")
+    rendered = [whole[len(text):] for whole in full]
+    return text, rendered, bool(eos) and all(r.rstrip().endswith(eos) for r in rendered)
 
 
 def chat_prompt(prompt: str, tokenizer) -> str:
     """`prompt` as the user turn of the tokenizer's chat template, with the generation prompt
     after it (`config.data.chat_template`)."""
-    text = _render(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True,
+    return _render(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True,
                    instead="set config.data.chat_template=False")
-    bos = getattr(getattr(tokenizer, "tokenizer", None), "bos_token", None)
-    if bos and tokenizer.prefix_ids and text.startswith(bos):  # tokenizing adds it again
+
+
+def _render(tokenizer, messages, add_generation_prompt: bool, continue_final_message=False,
+            instead: str = "give string prompt/completion rows") -> str:
+    """The template's text, without a leading BOS that tokenizing adds again."""
+    if not hasattr(tokenizer, "apply_chat_template"):
+        raise UserError(f"conversational data needs a Hugging Face tokenizer with a chat "
+                        f"template; this one has none: set config.model.tokenizer to one, or "
+                        f"{instead}")
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt,
+                                             continue_final_message=continue_final_message)
+    except ValueError as e:  # transformers: the tokenizer defines no chat template
+        raise UserError(f"cannot render a chat ({first_line(e)}); use a tokenizer with a chat "
+                        f"template, or {instead}") from e
+    bos = _special(tokenizer, "bos_token")
+    if bos and tokenizer.prefix_ids and text.startswith(bos):
         text = text[len(bos):]
     return text
 
 
-def _render(tokenizer, messages, add_generation_prompt: bool,
-            instead: str = "give prompt/completion rows") -> str:
-    if not hasattr(tokenizer, "apply_chat_template"):
-        raise UserError(f"a chat template needs a Hugging Face tokenizer that has one; set "
-                        f"config.model.tokenizer to one, or {instead}")
-    try:
-        return tokenizer.apply_chat_template(messages, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
-    except ValueError as e:  # transformers: the tokenizer defines no chat template
-        raise UserError(f"cannot render a chat ({first_line(e)}); use a tokenizer with a chat "
-                        f"template, or {instead}") from e
+def _special(tokenizer, name: str) -> str | None:
+    return getattr(getattr(tokenizer, "tokenizer", None), name, None)
+
+
+def _is_conversation(value) -> bool:
+    return (isinstance(value, list) and bool(value)
+            and all(isinstance(m, dict) and _text(m.get("role"))
+                    and isinstance(m.get("content"), str) for m in value))
+
+
+def _message(m: dict) -> dict:
+    return {"role": m["role"], "content": m["content"]}
 
 
 def load_hub_rows(spec: str, split: str) -> list[dict]:
@@ -165,6 +245,14 @@ def load_hub_rows(spec: str, split: str) -> list[dict]:
         raise UserError(f"cannot load hub dataset {spec!r} split {split!r} ({first_line(e)}); "
                         f"check the name and split, and that you are online") from e
     return [dict(row) for row in dataset]
+
+
+def _same_answers(row, example) -> bool:
+    """A pair with nothing to prefer: chosen equals rejected, as given or once rendered."""
+    if example is not None:
+        return "chosen" in example and example["chosen"] == example["rejected"]
+    return (isinstance(row, dict) and row.get("chosen") == row.get("rejected")
+            and (_text(row.get("chosen")) or _is_conversation(row.get("chosen"))))
 
 
 def _text(value) -> bool:
