@@ -5,6 +5,7 @@ export work on.
 trainable and the frozen part (LoRA adapters added for `param.kind == 'lora'`), the tokenizer,
 the maximum sequence length, the task and, with `dpo.reference_path`, the DPO reference model.
 Every problem a user can fix raises a `UserError` before anything is written.
+`abstract_model(config)` is the same model as shapes only, for planning (`jaxsftdpo.plan`).
 
 `load_run(workdir, step)` builds the `Run` of the config a training run saved in its workdir
 (`config.json`) and restores a checkpoint's trainable state into it: the whole model for full
@@ -114,7 +115,7 @@ def build_run(config: mlc.ConfigDict, devices=None, *, mesh=None, tokenizer=None
     mesh = sharding.make_mesh(config.mesh, devices) if mesh is None else mesh
     family, model_config, graphdef, trainable, frozen = build_model(config, mesh)
     tokenizer = tokenizer or load_tokenizer(config.model.tokenizer or config.model.name_or_path)
-    max_length = _max_length(config, model_config)
+    max_length = max_length_of(config, model_config)
     if tokenizer.vocab_size > model_config.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                         f"{model_config.vocab_size}; use the model's own tokenizer")
@@ -131,6 +132,25 @@ def build_model(config: mlc.ConfigDict, mesh):
     """`(family, model config, graphdef, trainable, frozen)` of the config's model on the mesh,
     with LoRA adapters when `config.param.kind == 'lora'` (fresh ones: B = 0)."""
     family, model = _load_model(config, mesh)
+    graphdef, trainable, frozen = lora.split_trainable(_adapt(model, config), config.param.kind)
+    trainable = sharding.place_state(trainable, mesh, family.PARTITION_RULES)
+    frozen = sharding.place_state(frozen, mesh, family.PARTITION_RULES)
+    return family, model.config, graphdef, trainable, frozen
+
+
+def abstract_model(config: mlc.ConfigDict):
+    """`(family, model config, graphdef, trainable, frozen)` as `build_model` gives them, the
+    states as `jax.ShapeDtypeStruct`s: nothing allocated and no weight read (of a pretrained
+    model only its config.json or GGUF metadata)."""
+    m = config.model
+    family, model_config = model_family_config(m.name_or_path, m.init, m.dtype)
+    model = nnx.eval_shape(lambda: _adapt(family.build(model_config, m.init_seed), config))
+    graphdef, trainable, frozen = lora.split_trainable(model, config.param.kind)
+    return family, model.config, graphdef, trainable, frozen
+
+
+def _adapt(model: nnx.Module, config: mlc.ConfigDict) -> nnx.Module:
+    """`model` with the config's LoRA adapters (fresh ones: B = 0) and remat, in place."""
     if config.param.kind == "lora":
         p = config.param
         lora.apply_lora(model, r=p.r, alpha=p.alpha, dropout=p.dropout,
@@ -138,27 +158,33 @@ def build_model(config: mlc.ConfigDict, mesh):
                         seed=config.seed)
     if config.model.remat:
         model.config = dataclasses.replace(model.config, remat=True)
-    graphdef, trainable, frozen = lora.split_trainable(model, config.param.kind)
-    trainable = sharding.place_state(trainable, mesh, family.PARTITION_RULES)
-    frozen = sharding.place_state(frozen, mesh, family.PARTITION_RULES)
-    return family, model.config, graphdef, trainable, frozen
+    return model
 
 
 def _targets(target_modules):
     return list(target_modules) if isinstance(target_modules, (list, tuple)) else target_modules
 
 
-def _load_model(config, mesh):
-    dtype = DTYPES[config.model.dtype]
-    if config.model.name_or_path:
-        return _pretrained(config.model.name_or_path, mesh, dtype, config.model.allow_pickle)
-    init = dict(config.model.init)
+def model_family_config(name_or_path: str, init, dtype: str):
+    """`(family, model config)` of a model source as `config.model` gives one: a Hugging Face
+    directory, hub id or GGUF file (`name_or_path`: its config.json or metadata, no weight), or
+    else the `init` dict of a model built from scratch; `dtype` is the compute dtype's name."""
+    if name_or_path:
+        return load_config(name_or_path, dtype=DTYPES[dtype])
+    init = dict(init)
     model_type = init["model_type"]
     if model_type not in FAMILIES:
         raise UserError(f"config.model.init.model_type={model_type!r} is not supported; use one "
                         f"of {sorted(FAMILIES)}")
     family = FAMILIES[model_type]
-    model_config = family.Config.from_hf(init, dtype=dtype)
+    return family, family.Config.from_hf(init, dtype=DTYPES[dtype])
+
+
+def _load_model(config, mesh):
+    if config.model.name_or_path:
+        return _pretrained(config.model.name_or_path, mesh, DTYPES[config.model.dtype],
+                           config.model.allow_pickle)
+    family, model_config = model_family_config("", config.model.init, config.model.dtype)
     sharding.check_heads(model_config, mesh)
     abstract = nnx.eval_shape(lambda: family.build(model_config, config.model.init_seed))
     graphdef, abstract_state = nnx.split(abstract)
@@ -182,7 +208,9 @@ def _pretrained(name_or_path: str, mesh, dtype, allow_pickle: bool):
     return family, model
 
 
-def _max_length(config, model_config) -> int:
+def max_length_of(config, model_config) -> int:
+    """The longest sequence of a run: `data.max_length` (0: the model's own limit), within the
+    model's positions."""
     limit = model_config.max_length
     max_length = config.data.max_length or limit
     if max_length > limit:

@@ -116,6 +116,12 @@ def check_batch_size(batch_size: int, mesh: Mesh, what: str) -> None:
                         f"devices (mesh data x fsdp); use a multiple of {n}")
 
 
+def batch_sharding(mesh: Mesh, leading: int = 0) -> NamedSharding:
+    """How a batch array lies on the mesh: axis `leading` (the example axis) split over the
+    batch axes, the rest whole."""
+    return NamedSharding(mesh, P(*([None] * leading), BATCH_AXES))
+
+
 def place_batch(batch: dict, mesh: Mesh, leading: int = 0) -> dict:
     """Put a host batch on the mesh, splitting axis `leading` (the example axis) over devices.
 
@@ -123,9 +129,9 @@ def place_batch(batch: dict, mesh: Mesh, leading: int = 0) -> dict:
     epoch). In a multi-process run each process hands its devices only its own rows
     (`process_rows`) and the global array is assembled from every process's part.
     """
+    sharding = batch_sharding(mesh, leading)
+
     def put(x):
-        spec = P(*([None] * leading), BATCH_AXES)
-        sharding = NamedSharding(mesh, spec)
         if jax.process_count() == 1:
             return jax.device_put(x, sharding)
         x = np.asarray(x)
