@@ -2,10 +2,14 @@
 
     flops_per_token = model_flops_per_token(model_config, seq_len)
     utilisation = mfu(tokens_per_s, flops_per_token, peak_flops())
+
+`TPU_CHIPS` holds each Cloud TPU chip's peak compute, memory and bandwidths, for the roofline
+of `jaxsftdpo.plan`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -17,13 +21,35 @@ from flax import nnx
 from jaxsftdpo.models import FAMILIES
 from jaxsftdpo.models.layers import Linear
 
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class TPUChip:
+    """One Cloud TPU chip as its documentation gives it (cloud.google.com/tpu/docs/v4, v5e,
+    v5p, v6e: "key specifications")."""
+
+    device_kind: str        # what `jax.Device.device_kind` says
+    peak_flops: float       # dense bf16 FLOP/s
+    hbm_bytes: int
+    hbm_bandwidth: float    # bytes/s
+    ici_bandwidth: float    # bytes/s, bidirectional, all the chip's inter-chip links together
+
+
+# By the version part of a topology name ("v5e" of "v5e:2x4"), in the order PEAK_FLOPS needs.
+TPU_CHIPS = {
+    # The v4 page lists no per-chip ICI figure: twice its pod's all-reduce bandwidth (1.1 PB/s)
+    # per chip, the ratio v5e's page has between the two (400 GB/s and 51.2 TB/s per 256).
+    "v4": TPUChip("TPU v4", 275e12, 32 * GiB, 1200e9, 2 * 1.1e15 / 4096),
+    "v5e": TPUChip("TPU v5 lite", 197e12, 16 * GiB, 819e9, 400e9),
+    "v5p": TPUChip("TPU v5", 459e12, 95 * GiB, 2765e9, 1200e9),    # "TPU v5p" or "TPU v5"
+    "v6e": TPUChip("TPU v6 lite", 918e12, 32 * GiB, 1638e9, 800e9),  # Trillium
+}
+
 # Dense bf16 peak FLOP/s of one chip, by the first key found in `device.device_kind`
 # ("TPU v5 lite", "NVIDIA H100 80GB HBM3", ...): more specific keys come first.
 PEAK_FLOPS = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,   # v5e
-    "TPU v5": 459e12,        # v5p ("TPU v5p" or "TPU v5")
-    "TPU v6 lite": 918e12,   # v6e, Trillium
+    **{chip.device_kind: chip.peak_flops for chip in TPU_CHIPS.values()},
     "A100": 312e12,
     "H100 PCIe": 756e12,
     "H100": 989e12,          # SXM
