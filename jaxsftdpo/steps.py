@@ -330,6 +330,22 @@ def optimizer_update(tx: optax.GradientTransformation, state: TrainState, grads)
 Settings = DPOSettings | ORPOSettings | SimPOSettings | None
 
 
+def objective_settings(config, kind: str, reference_graphdef=None) -> Settings:
+    """The settings of a stage `kind` (`loss_function`) from the run's config;
+    `reference_graphdef` is the graphdef of the `dpo.reference_path` model, None without one."""
+    if kind == "dpo":
+        d = config.dpo
+        return DPOSettings(beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
+                           sft_weight=d.sft_weight, reference=d.reference,
+                           reference_graphdef=reference_graphdef)
+    if kind == "orpo":
+        return ORPOSettings(beta=config.orpo.beta)
+    if kind == "simpo":
+        return SimPOSettings(beta=config.simpo.beta, gamma=config.simpo.gamma,
+                             label_smoothing=config.simpo.label_smoothing)
+    return None
+
+
 def loss_function(kind: str, graphdef, settings: Settings, scored_tokens: int | None):
     """`loss_fn(trainable, frozen, ref, batch, rng, norm) -> (loss, metrics)` of a stage kind;
     `settings` are a preference kind's (`DPOSettings` for dpo, ...), None for sft."""

@@ -1,7 +1,7 @@
-"""The package's import graph goes one way: the commands (train, evaluate, export, study) on
-top, the training loop under them, the run builder under that, and everything else (models,
-data, sharding, steps, checkpoints, tasks) at the bottom. No module imports one above it, and
-only the commands that train import the training loop."""
+"""The package's import graph goes one way: the commands (train, evaluate, export, study,
+plan) on top, the training loop under them, the run builder under that, and everything else
+(models, data, sharding, steps, checkpoints, tasks) at the bottom. No module imports one above
+it, and only the commands that train import the training loop."""
 
 import ast
 from pathlib import Path
@@ -9,7 +9,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "jaxsftdpo"
 
 LAYERS = {"jaxsftdpo.train": 3, "jaxsftdpo.evaluate": 3, "jaxsftdpo.export": 3,
-          "jaxsftdpo.study": 3, "jaxsftdpo.trainer": 2, "jaxsftdpo.runs": 1}  # the rest: 0
+          "jaxsftdpo.study": 3, "jaxsftdpo.plan": 3, "jaxsftdpo.trainer": 2,
+          "jaxsftdpo.runs": 1}  # the rest: 0
 TRAINING_COMMANDS = {"jaxsftdpo.train", "jaxsftdpo.study"}
 
 
