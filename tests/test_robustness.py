@@ -387,8 +387,8 @@ def test_skipped_jsonl_rows_are_named_by_line(tmp_path, capsys):
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(rows) + "\n")
     jsonl.load(str(path), ByteTokenizer())
-    assert (f"{path}: skipped 7 malformed rows (lines 3, 4, 5, 6, 7, ...: not prompt/"
-            in capsys.readouterr().out)
+    assert (f"{path}: skipped 7 malformed rows (lines 3, 4, 5, 6, 7, ...: not text, messages, "
+            "prompt/completion or [prompt/]chosen/rejected)" in capsys.readouterr().out)
 
 
 def test_too_long_rows_point_at_data_truncate():
