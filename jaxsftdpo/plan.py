@@ -382,8 +382,9 @@ def plan(config: mlc.ConfigDict, topology: str, *, max_batch: bool = False) -> d
                 if rows not in tried:
                     tried[rows] = compile_step(step, rows, tpu)
                 return tried[rows]["fits"]
-            row["max_micro_batch"] = largest_fitting(fits, step.rows,
-                                                     sharding.batch_divisor(mesh))
+            largest = largest_fitting(fits, step.rows, sharding.batch_divisor(mesh))
+            row["max_micro_batch"] = largest
+            row["at_max_micro_batch"] = tried.get(largest)
         rows.append(row)
     return {"topology": topology, "device_kind": tpu.devices[0].device_kind,
             "chips": len(tpu.devices), "hbm_bytes_per_chip": tpu.chip.hbm_bytes,
@@ -391,29 +392,37 @@ def plan(config: mlc.ConfigDict, topology: str, *, max_batch: bool = False) -> d
 
 
 def table(report: dict) -> str:
-    """The plan as text: one line per step."""
-    gib = lambda n: "-" if n is None else f"{n / 2**30:.2f}"  # noqa: E731
+    """The plan as text: a line per step, and with --max_batch one at its largest
+    micro-batch that fits."""
     head = (f"{report['topology']}: {report['chips']} x {report['device_kind']}, "
-            f"{gib(report['hbm_bytes_per_chip'])} GiB HBM per chip, mesh "
+            f"{_gib(report['hbm_bytes_per_chip'])} GiB HBM per chip, mesh "
             f"{report['mesh']}")
     columns = ["stage", "step", "batch", "fits", "peak GiB", "args GiB", "temp GiB",
                "TFLOP/chip", "est. s", "MFU bound", "compile s"]
-    max_batch = any("max_micro_batch" in s for s in report["steps"])
-    columns += ["max micro-batch"] * max_batch
     lines = []
     for s in report["steps"]:
-        cells = [f"{s['stage']} {s['kind']} {s['param']}", s["name"],
-                 f"{s['grad_accum']}x{s['micro_batch']}x{s['length']}",
-                 "yes" if s["fits"] else "NO", gib(s["peak_bytes_per_chip"]),
-                 gib(s["argument_bytes"]), gib(s["temp_bytes"]),
-                 _number(s["flops_per_chip"], 1e12, ".3f"),
-                 _number(s["estimated_seconds"], 1, ".4f"),
-                 _number(s["mfu_bound"], 0.01, ".0f", "%"), f"{s['compile_seconds']:.1f}"]
-        cells += [str(s.get("max_micro_batch"))] * max_batch
-        lines.append(cells)
+        where = [f"{s['stage']} {s['kind']} {s['param']}", s["name"]]
+        lines.append(where + _cells(s, s["micro_batch"], s))
+        if s.get("at_max_micro_batch"):
+            lines.append(["", "largest that fits"]
+                         + _cells(s, s["max_micro_batch"], s["at_max_micro_batch"]))
+        elif "max_micro_batch" in s:
+            lines.append(["", "largest that fits", "none"] + [""] * (len(columns) - 3))
     widths = [max(len(str(c)) for c in column) for column in zip(columns, *lines)]
     render = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa
     return "\n".join([head, render(columns), *map(render, lines), report["note"] + "."])
+
+
+def _cells(step: dict, rows: int, result: dict) -> list[str]:
+    return [f"{step['grad_accum']}x{rows}x{step['length']}", "yes" if result["fits"] else "NO",
+            _gib(result["peak_bytes_per_chip"]), _gib(result["argument_bytes"]),
+            _gib(result["temp_bytes"]), _number(result["flops_per_chip"], 1e12, ".3f"),
+            _number(result["estimated_seconds"], 1, ".4f"),
+            _number(result["mfu_bound"], 0.01, ".0f", "%"), f"{result['compile_seconds']:.1f}"]
+
+
+def _gib(n) -> str:
+    return "-" if n is None else f"{n / 2**30:.2f}"
 
 
 def _number(value, scale: float, spec: str, suffix: str = "") -> str:

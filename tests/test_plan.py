@@ -141,6 +141,8 @@ def test_max_batch_fits_and_twice_it_does_not():
     report = plan.plan(config, "v5e:2x2", max_batch=True)
     largest = report["steps"][0]["max_micro_batch"]
     assert largest >= 96
+    assert report["steps"][0]["at_max_micro_batch"]["fits"]
+    assert f"1x{largest}x4096  yes" in plan.table(report)
     config.stages[0].batch_size = largest
     assert plan.plan(config, "v5e:2x2")["steps"][0]["fits"]
     config.stages[0].batch_size = 2 * largest
