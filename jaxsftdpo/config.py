@@ -52,6 +52,9 @@ def base_config() -> mlc.ConfigDict:
     c.model.dropout = True             # the checkpoint's dropout in SFT; none in preference stages
     c.model.allow_pickle = False
     c.model.remat = False              # recompute each transformer block's activations in backward
+    # positions whose logits the loss computes at a time (0: all): the [B,T,vocab] float32
+    # logits never exist whole, the memory of large-vocabulary models (Llama 3: 128k)
+    c.model.logits_chunk = 0
 
     c.data = mlc.ConfigDict()
     c.data.task = "yes_no"             # yes_no: the package's own synthetic task
@@ -159,6 +162,9 @@ def validate(c: mlc.ConfigDict) -> None:
         need(c[key] >= 1, f"config.{key}={c[key]}; use 1 or more")
     need(c.eval_every >= 0, f"config.eval_every={c.eval_every}; use 0 (at the end of every "
                             f"epoch) or a number of steps")
+    need(c.model.logits_chunk >= 0,
+         f"config.model.logits_chunk={c.model.logits_chunk}; use 0 (all positions at once) or "
+         f"the positions per chunk, e.g. 256")
     need(c.data.eval_batch_size >= 1,
          f"config.data.eval_batch_size={c.data.eval_batch_size}; use 1 or more")
     for key in ("dev_limit", "dev_from_train"):

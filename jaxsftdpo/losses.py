@@ -43,6 +43,36 @@ def token_logprobs(logits: jax.Array, input_ids: jax.Array) -> jax.Array:
     return jnp.pad(picked_logprobs(logits[:, :-1], input_ids[:, 1:]), ((0, 0), (1, 0)))
 
 
+def head_scores(hidden: jax.Array, targets: jax.Array, logits_fn, chunk: int = 0
+                ) -> tuple[jax.Array, jax.Array]:
+    """`(logps, mean_logits)`, both `[B,K]` float32: the `picked_logprobs` of `targets [B,K]`
+    and the `vocab_mean_logits` under `logits_fn(hidden)`, for the final hidden states
+    `hidden [B,K,d]` that predict them.
+
+    With `chunk` (0 < chunk < K) the LM head runs on `chunk` positions at a time under
+    `jax.checkpoint`, so the `[B,K,V]` float32 logits never exist, in the forward or the
+    backward pass: only one chunk's, recomputed for its gradient. At a 128k vocabulary they
+    are the largest arrays of a training step (2 GiB per 4 x 1024 tokens, several times over
+    with their softmax and gradient). The values are the unchunked ones, position by position.
+    """
+    def scores(h, t):
+        logits = logits_fn(h)
+        return picked_logprobs(logits, t), vocab_mean_logits(logits)
+
+    b, k = targets.shape
+    if not chunk or chunk >= k:
+        return scores(hidden, targets)
+    n = -(-k // chunk)
+    pad = n * chunk - k
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    by_chunk = lambda x: x.reshape(b, n, chunk, *x.shape[2:]).swapaxes(0, 1)  # noqa: E731
+    logps, means = jax.lax.map(jax.checkpoint(lambda xs: scores(*xs)),
+                               (by_chunk(hidden), by_chunk(targets)))
+    whole = lambda x: x.swapaxes(0, 1).reshape(b, n * chunk)[:, :k]  # noqa: E731
+    return whole(logps), whole(means)
+
+
 def scored_token_index(loss_mask: jax.Array, count: int) -> tuple[jax.Array, jax.Array]:
     """`(index, valid)`, both `[B, count]`: the positions of each row's first `count` scored
     tokens (their logits sit one position earlier), and which entries are real. Padding

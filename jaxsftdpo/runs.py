@@ -150,14 +150,15 @@ def abstract_model(config: mlc.ConfigDict):
 
 
 def _adapt(model: nnx.Module, config: mlc.ConfigDict) -> nnx.Module:
-    """`model` with the config's LoRA adapters (fresh ones: B = 0) and remat, in place."""
+    """`model` with the config's LoRA adapters (fresh ones: B = 0), remat and logits chunk, in
+    place."""
     if config.param.kind == "lora":
         p = config.param
         lora.apply_lora(model, r=p.r, alpha=p.alpha, dropout=p.dropout,
                         target_modules=_targets(p.target_modules), use_rslora=p.use_rslora,
                         seed=config.seed)
-    if config.model.remat:
-        model.config = dataclasses.replace(model.config, remat=True)
+    model.config = dataclasses.replace(model.config, remat=bool(config.model.remat),
+                                       logits_chunk=int(config.model.logits_chunk))
     return model
 
 
@@ -234,6 +235,7 @@ def load_reference(source: str, config, mesh, tokenizer) -> ReferenceModel:
         _check_same_vocabulary(load_tokenizer(source), tokenizer, where)
         family, model = _pretrained(source, mesh, DTYPES[config.model.dtype],
                                     config.model.allow_pickle)
+    model.config = dataclasses.replace(model.config, logits_chunk=int(config.model.logits_chunk))
     graphdef, params, rest = lora.split_trainable(model, "fft")
     return ReferenceModel(source, graphdef,
                           sharding.place_state(params, mesh, family.PARTITION_RULES),

@@ -94,15 +94,19 @@ def completion_scores(model, input_ids, attention_mask, loss_mask, scored_tokens
     large share of the step when completions are short (a paraphrase answer is one token,
     and GPT-2's LM head is a third of its forward). Otherwise at every position, K = T.
     """
+    chunk = model.config.logits_chunk
     if scored_tokens is None or scored_tokens >= input_ids.shape[1] - 1:
-        logits = model(input_ids, attention_mask, dropout_rng=dropout_rng)
-        mean_logits = jnp.pad(losses.vocab_mean_logits(logits[:, :-1]), ((0, 0), (1, 0)))
-        return (losses.token_logprobs(logits, input_ids), losses.scored_mask(loss_mask),
-                mean_logits)
+        hidden = model(input_ids, attention_mask, dropout_rng=dropout_rng, head=False)
+        logps, mean_logits = losses.head_scores(hidden[:, :-1], input_ids[:, 1:],
+                                                model.logits_function(), chunk)
+        first = lambda x: jnp.pad(x, ((0, 0), (1, 0)))  # noqa: E731  (position 0: no logit)
+        return first(logps), losses.scored_mask(loss_mask), first(mean_logits)
     index, valid = losses.scored_token_index(loss_mask, scored_tokens)
-    logits = model(input_ids, attention_mask, dropout_rng=dropout_rng, logits_at=index - 1)
-    return (losses.picked_logprobs(logits, jnp.take_along_axis(input_ids, index, 1)), valid,
-            losses.vocab_mean_logits(logits))
+    hidden = model(input_ids, attention_mask, dropout_rng=dropout_rng, logits_at=index - 1,
+                   head=False)
+    logps, mean_logits = losses.head_scores(hidden, jnp.take_along_axis(input_ids, index, 1),
+                                            model.logits_function(), chunk)
+    return logps, valid, mean_logits
 
 
 def completion_logps(model, input_ids, attention_mask, loss_mask, scored_tokens=None,

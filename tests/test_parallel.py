@@ -1,5 +1,5 @@
-"""Past one device: the pmap step equals the jit step, FSDP divides memory, remat and logits
-at scored positions only change nothing.
+"""Past one device: the pmap step equals the jit step, FSDP divides memory, remat, logits
+at scored positions only and logits in chunks change nothing.
 
 Eight CPU devices (tests/conftest.py); tiny GPT-2s so every case compiles in seconds.
 """
@@ -48,9 +48,10 @@ def random_batch(kind, accum=2, rows=8, length=16, seed=0):
     return batch
 
 
-def build(param, mesh_shape, devices, **model):
+def build(param, mesh_shape, devices, logits_chunk=0, **model):
     config = quickstart_config(**model)
     config.param.kind = param
+    config.model.logits_chunk = logits_chunk
     mesh = sharding.make_mesh(mesh_shape, devices)
     _, _, graphdef, trainable, frozen = runs.build_model(config, mesh)
     if param == "lora":  # B = 0 at init would make the adapters' first gradients trivial
@@ -134,6 +135,43 @@ def test_logits_at_scored_positions_only_change_nothing(kind, param):
             np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5),
                  full_params, params)
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+@pytest.mark.parametrize("param", ["fft", "lora"])
+@pytest.mark.parametrize("scored_only", [False, True])
+def test_logits_in_chunks_give_the_loss_metrics_and_gradients_of_the_whole(kind, param,
+                                                                          scored_only):
+    """`model.logits_chunk` = 4, which does not divide the T - 1 = 15 scored positions, alone
+    and with `scored_tokens`, on a mesh that shards rows and parameters. Gradients are
+    compared, not updates: Adam divides each entry by its own size, so it turns the rounding
+    of a gradient entry near zero into a visible difference."""
+    devices = jax.devices()[:4]
+    mesh_shape = dict(data=2, fsdp=2, tensor=1)
+    _, mesh, graphdef, trainable, frozen = build(param, mesh_shape, devices)
+    chunked = build(param, mesh_shape, devices, logits_chunk=4)[2]
+    host_batch = random_batch(kind, seed=1)
+    most = max(int(v[..., 1:].sum(-1).max()) for k, v in host_batch.items()
+               if k.endswith("loss_mask"))
+    assert most < 15
+    scored_tokens = most if scored_only else None
+    batch = sharding.place_batch(host_batch, mesh, leading=1)
+    ref = trainable if kind == "dpo" else None
+
+    def grads(graphdef):
+        loss_fn = steps.loss_function(kind, graphdef, SETTINGS[kind], scored_tokens)
+        norm = steps.normalisers(kind, batch)
+        run = jax.jit(lambda t: steps.accumulated_grads(loss_fn, t, frozen, ref, batch, None,
+                                                        norm))
+        return jax.device_get(run(trainable))
+
+    (want_grads, want), (got_grads, got) = grads(graphdef), grads(chunked)
+    assert set(got) == set(want)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(want_grads))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * scale),
+                 want_grads, got_grads)
 
 
 def _losses(workdir):

@@ -64,6 +64,7 @@ BAD_VALUES = {
     "log_every": ({"log_every": 0}, "log_every=0"),
     "eval_every": ({"eval_every": -1}, "eval_every=-1"),
     "eval_batch_size": ({"data.eval_batch_size": 0}, "eval_batch_size=0"),
+    "logits_chunk": ({"model.logits_chunk": -1}, "logits_chunk=-1; use 0"),
     "keep_checkpoints": ({"keep_checkpoints": 0}, "keep_checkpoints=0"),
     "lora dropout 1": ({"param.kind": "lora", "param.dropout": 1.0}, "dropout=1.0"),
     "lora dropout < 0": ({"param.kind": "lora", "param.dropout": -0.1}, "dropout=-0.1"),

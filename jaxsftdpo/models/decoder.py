@@ -32,21 +32,23 @@ class DecoderLM(nnx.Module):
         raise NotImplementedError
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, *, dropout_rng=None,
-                 logits_at=None):
+                 logits_at=None, head: bool = True):
         """Logits `[B, T, vocab]` (float32). Padding may be on either side.
 
         Without `position_ids`, positions count only real tokens (0 at each sequence's first),
         which is what left-padded batches need. With `logits_at` `[B, K]` (int positions) the
         logits are `[B, K, vocab]`, those positions' only: the LM head runs on K, not T.
+        Without the `head`, the final hidden states `[B, T (or K), d]` that `logits_function()`
+        maps to those logits.
         """
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, bool)
         attention_mask = attention_mask.astype(bool)
         if position_ids is None:
             position_ids = default_position_ids(attention_mask)
-        logits, _ = self._forward(input_ids, position_ids, attention_mask, 0, None, dropout_rng,
-                                  logits_at)
-        return logits
+        out, _ = self._forward(input_ids, position_ids, attention_mask, 0, None, dropout_rng,
+                               logits_at, head)
+        return out
 
     def init_cache(self, batch: int, length: int) -> KVCache:
         c = self.config
@@ -70,9 +72,15 @@ class DecoderLM(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """float32 logits of final hidden states `[..., d]` (what `decode(head=False)` gives)."""
-        c = self.config
-        head = self.head_weight().astype(c.dtype)
-        return project(hidden.astype(c.dtype), head, transposed=True).astype(jnp.float32)
+        return self.logits_function()(hidden)
+
+    def logits_function(self):
+        """`logits` as a function of arrays only (the head weight read once), for JAX
+        transforms that must not see the module, such as the loss's chunked LM head."""
+        dtype = self.config.dtype
+        head = self.head_weight().astype(dtype)
+        return lambda hidden: project(hidden.astype(dtype), head,
+                                      transposed=True).astype(jnp.float32)
 
     def _forward(self, input_ids, position_ids, valid_keys, offset, cache, rng, logits_at,
                  head=True):

@@ -24,6 +24,7 @@ class ModelConfig(Protocol):
     param_dtype: Any    # storage dtype of the parameters
     remat: bool         # recompute each block in the backward pass
     attention: str      # `layers.attention`'s implementation: "auto", "einsum" or "fused"
+    logits_chunk: int   # positions whose logits the loss computes at a time (0: all)
 
     @property
     def max_length(self) -> int: ...        # positions the model can take

@@ -56,6 +56,7 @@ class GPT2Config:
     param_dtype: Any = jnp.float32
     remat: bool = False   # recompute each block's activations in the backward pass (training)
     attention: str = "auto"   # layers.attention's implementation: auto, einsum or fused
+    logits_chunk: int = 0     # positions per LM-head chunk in the loss; 0: all at once
 
     def __post_init__(self):
         check_attention_setting(self.attention)
@@ -108,7 +109,7 @@ class GPT2Config:
 
 
 # How this process runs, not config.json.
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention")
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention", "logits_chunk")
 
 
 class Attention(nnx.Module):

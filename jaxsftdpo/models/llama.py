@@ -66,6 +66,7 @@ class LlamaConfig:
     param_dtype: Any = jnp.float32
     remat: bool = False
     attention: str = "auto"   # layers.attention's implementation: auto, einsum or fused
+    logits_chunk: int = 0     # positions per LM-head chunk in the loss; 0: all at once
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -168,7 +169,7 @@ class LlamaConfig:
         return out
 
 
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention")
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention", "logits_chunk")
 
 
 def _layer_types(hf: dict, model_type: str) -> list[str]:
