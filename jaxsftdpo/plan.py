@@ -188,7 +188,8 @@ def config_steps(config: mlc.ConfigDict, mesh) -> list[Step]:
     for index, stage in enumerate(config.stages):
         micro_batch = _micro_batch(stage, index, mesh)
         if stage.kind == "dpo" and config.dpo.reference == "precomputed":
-            planned.append(_reference_pass(reference or policy, index, stage, length, mesh))
+            planned.append(_reference_pass(reference or policy, index, micro_batch, length,
+                                           mesh))
         planned.append(_train_step(config, policy, reference, index, stage, micro_batch,
                                    length, mesh))
     return planned
@@ -232,17 +233,17 @@ def _train_step(config, policy: Model, reference: Model | None, index: int, stag
                 lambda rows: per_token * sequences * rows * accum * length)
 
 
-def _reference_pass(model: Model, index: int, stage, length: int, mesh) -> Step:
-    # Policy.sequence_logps rounds the stage's batch up to a multiple of the batch devices.
-    n = sharding.batch_divisor(mesh)
-    rows = -(-stage.batch_size // n) * n
+def _reference_pass(model: Model, index: int, micro_batch: int, length: int, mesh) -> Step:
+    # The trainer's pass goes at the stage's micro-batch, which _micro_batch checked divides
+    # the batch devices.
+    rows = micro_batch
 
     def args(rows: int):
-        return model.graphdef, model.trainable, model.frozen, _batch(stage.kind, rows, length,
+        return model.graphdef, model.trainable, model.frozen, _batch("dpo", rows, length,
                                                                       mesh)
 
     per_token = flops.model_flops_per_token(model.config, length, training=False)
-    return Step("reference_pass", index, stage.kind, rows, 1, length, steps.pair_logps, args,
+    return Step("reference_pass", index, "dpo", rows, 1, length, steps.pair_logps, args,
                 lambda rows: per_token * 2 * rows * length)
 
 

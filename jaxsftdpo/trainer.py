@@ -147,7 +147,7 @@ def _start_stage(run: Run, data: stage_data.StageData, stage_idx: int, workdir: 
     saved = None
     if dpo is not None and dpo.reference == "precomputed":
         saved = (_zero_logps(len(items)) if resume is not None
-                 else _precompute_reference(run, items, stage.batch_size))
+                 else _precompute_reference(run, items, stage.batch_size // stage.grad_accum))
     elif dpo is not None and run.reference is None:
         # The reference is the policy at the hand-off: a copy of the trainable part only (for
         # LoRA just the adapters; the frozen base is shared).
@@ -194,7 +194,8 @@ def _zero_logps(n: int) -> dict:
 
 
 def _precompute_reference(run: Run, items, batch_size: int) -> dict:
-    """Reference log-probs of every pair, one pass; then no reference weights are needed."""
+    """Reference log-probs of every pair, one pass at the stage's micro-batch (what the user
+    said fits); then no reference weights are needed."""
     reference = run.reference_policy() or run.policy()  # another model, or the hand-off policy
     chosen, rejected = reference.sequence_logps(items, batch_size)
     return {"chosen": chosen, "rejected": rejected}

@@ -38,7 +38,8 @@ CASES = {
         "gpt2", "fft", [stage("sft", steps=1, batch_size=8), stage("dpo", steps=1, batch_size=8)],
         **{"mesh.data": 4}), ["sft train_step", "dpo train_step"]),
     "llama-lora-v5e-fsdp-precomputed": ("v5e:2x2", _config(
-        "llama", "lora", [stage("sft", steps=1, batch_size=8), stage("dpo", steps=1, batch_size=4)],
+        "llama", "lora", [stage("sft", steps=1, batch_size=8),
+                          stage("dpo", steps=1, batch_size=8, grad_accum=2)],
         **{"mesh.data": 1, "mesh.fsdp": 4, "dpo.reference": "precomputed"}),
         ["sft train_step", "dpo reference_pass", "dpo train_step"]),
     "llama-fft-v4-tensor-reference-free": ("v4:2x2x1", _config(
@@ -67,6 +68,8 @@ def test_every_step_compiles_for_the_slice_and_fits(case):
         assert step["argument_bytes"] > 0 and step["flops_per_chip"] > 0
         assert 0 < step["estimated_seconds"] < 1 and 0 < step["mfu_bound"] <= 1
         assert step["compile_seconds"] > 0
+        if step["name"] == "reference_pass":  # as the trainer runs it: the micro-batch
+            assert step["micro_batch"] == 4
 
 
 def _run_plan(*args):
