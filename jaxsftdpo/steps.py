@@ -420,7 +420,6 @@ def make_pmap_train_step(kind: str, graphdef, tx, settings: Settings, devices=No
         # with the shardings it came in with keeps the next call on the compiled program.
         return jax.device_put(state, shardings), metrics
 
-    step.pmapped = mapped
     return step
 
 
