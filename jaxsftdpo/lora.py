@@ -54,10 +54,16 @@ class LoRA(nnx.Module):
         return (self.lora_a[...] @ self.lora_b[...]) * self.scale
 
 
+def linears_with_paths(model: nnx.Module) -> list[tuple[tuple, Linear]]:
+    """`(graph path, Linear)` for every `Linear` in `model` (`("h", 0, "attn", "c_attn")`), in
+    graph order."""
+    return [(tuple(path), module) for path, module in nnx.iter_graph(model)
+            if isinstance(module, Linear)]
+
+
 def linear_modules(model: nnx.Module) -> dict[str, Linear]:
     """Every `Linear` in `model` by dotted path (`h.0.attn.c_attn`), in graph order."""
-    return {".".join(str(p) for p in path): module for path, module in nnx.iter_graph(model)
-            if isinstance(module, Linear)}
+    return {".".join(str(p) for p in path): module for path, module in linears_with_paths(model)}
 
 
 def _matches(path: str, target_modules: str | list[str]) -> bool:

@@ -19,19 +19,14 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from jaxsftdpo.errors import UserError
+from jaxsftdpo.lora import linears_with_paths
 from jaxsftdpo.models import family_for
-from jaxsftdpo.models.layers import Linear
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
 _NO_ADAPTERS = ("the model has no LoRA adapter to export; train with config.param.kind='lora', "
                 "or export the merged model instead")
-
-
-def _linears_with_paths(model: nnx.Module) -> list[tuple[tuple, Linear]]:
-    return [(tuple(path), module) for path, module in nnx.iter_graph(model)
-            if isinstance(module, Linear)]
 
 
 def _hf_module(family, path: tuple) -> str:
@@ -44,7 +39,7 @@ def peft_adapter_tensors(model: nnx.Module) -> dict:
     family), as PEFT writes them in `adapter_model.safetensors`."""
     family = family_for(model)
     tensors = {}
-    for path, linear in _linears_with_paths(model):
+    for path, linear in linears_with_paths(model):
         if linear.lora is None:
             continue
         name = _PEFT_PREFIX + _hf_module(family, path)
@@ -62,7 +57,7 @@ def _peft_target_modules(model: nnx.Module, family):
     names when that picks no other linear module (what people write), else a regex that PEFT
     full-matches against module names."""
     linears = [(_hf_module(family, path), linear.lora is not None)
-               for path, linear in _linears_with_paths(model)]
+               for path, linear in linears_with_paths(model)]
     adapted = [name for name, has in linears if has]
     suffixes = sorted({name.rsplit(".", 1)[-1] for name in adapted})
     if all(has for name, has in linears if name.rsplit(".", 1)[-1] in suffixes):
@@ -84,7 +79,7 @@ def peft_adapter_config(model: nnx.Module, *, alpha: float, dropout: float = 0.0
     comes from the adapters, and their scale is checked against these values.
     """
     family = family_for(model)
-    adapted = [(path, linear) for path, linear in _linears_with_paths(model)
+    adapted = [(path, linear) for path, linear in linears_with_paths(model)
                if linear.lora is not None]
     if not adapted:
         raise UserError(_NO_ADAPTERS)
