@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 
+import jax.numpy as jnp
 import ml_collections as mlc
 
 from jaxsftdpo.errors import UserError
@@ -21,7 +22,7 @@ STAGE_KINDS = ("sft", *PREFERENCE_KINDS)
 PARAMS = ("fft", "lora")
 REFERENCES = ("frozen_copy", "precomputed", "none")
 SCHEDULES = ("constant", "linear", "cosine")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 PARALLEL_MODES = ("jit", "pmap")
 BALANCES = ("none", "pairs", "all")
 CLOZE_TASKS = ("yes_no", "paraphrase")
@@ -182,7 +183,8 @@ def validate(c: mlc.ConfigDict) -> None:
          f"({', '.join(CLOZE_TASKS)}); task {c.data.task!r} has none, set it to none")
     need(c.dpo.reference in REFERENCES,
          f"config.dpo.reference={c.dpo.reference!r}; use one of {REFERENCES}")
-    need(c.model.dtype in DTYPES, f"config.model.dtype={c.model.dtype!r}; use one of {DTYPES}")
+    need(c.model.dtype in DTYPES,
+         f"config.model.dtype={c.model.dtype!r}; use one of {tuple(DTYPES)}")
     for axis in ("data", "fsdp", "tensor"):
         size = c.mesh[axis]
         need(size == -1 or size > 0, f"config.mesh.{axis}={size}; use a positive size or -1")

@@ -22,13 +22,12 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import ml_collections as mlc
 from flax import nnx
 
 from jaxsftdpo import checkpoint as ckpt
 from jaxsftdpo import lora, sharding
-from jaxsftdpo.config import base_config, describe_differences, stage, validate
+from jaxsftdpo.config import DTYPES, base_config, describe_differences, stage, validate
 from jaxsftdpo.data.tokenizer import load_tokenizer
 from jaxsftdpo.errors import UserError
 from jaxsftdpo.models import FAMILIES, from_pretrained, load_config
@@ -40,8 +39,6 @@ TOKENIZER_DIR = "tokenizer"
 CHECKPOINT_DIR = "checkpoints"
 DIVERGED_FILE = "diverged.json"  # written by a run that diverged: step, stage, why
 RESULTS_FILE = "results.json"    # written last, by a run that finished
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass
