@@ -140,49 +140,55 @@ def abstract_model(config: mlc.ConfigDict):
     states as `jax.ShapeDtypeStruct`s: nothing allocated and no weight read (of a pretrained
     model only its config.json or GGUF metadata)."""
     m = config.model
-    family, model_config = model_family_config(m.name_or_path, m.init, m.dtype)
+    family, model_config = model_family_config(m.name_or_path, m.init, m.dtype,
+                                               **_runtime_fields(config))
     model = nnx.eval_shape(lambda: _adapt(family.build(model_config, m.init_seed), config))
     graphdef, trainable, frozen = lora.split_trainable(model, config.param.kind)
     return family, model.config, graphdef, trainable, frozen
 
 
 def _adapt(model: nnx.Module, config: mlc.ConfigDict) -> nnx.Module:
-    """`model` with the config's LoRA adapters (fresh ones: B = 0), remat and logits chunk, in
-    place."""
+    """`model` with the config's LoRA adapters (fresh ones: B = 0), in place."""
     if config.param.kind == "lora":
         p = config.param
         lora.apply_lora(model, r=p.r, alpha=p.alpha, dropout=p.dropout,
                         target_modules=_targets(p.target_modules), use_rslora=p.use_rslora,
                         seed=config.seed)
-    model.config = dataclasses.replace(model.config, remat=bool(config.model.remat),
-                                       logits_chunk=int(config.model.logits_chunk))
     return model
+
+
+def _runtime_fields(config: mlc.ConfigDict) -> dict:
+    """The model config's fields that `config.model` sets for training, beside the dtype."""
+    return dict(remat=bool(config.model.remat), logits_chunk=int(config.model.logits_chunk))
 
 
 def _targets(target_modules):
     return list(target_modules) if isinstance(target_modules, (list, tuple)) else target_modules
 
 
-def model_family_config(name_or_path: str, init, dtype: str):
+def model_family_config(name_or_path: str, init, dtype: str, **overrides):
     """`(family, model config)` of a model source as `config.model` gives one: a Hugging Face
     directory, hub id or GGUF file (`name_or_path`: its config.json or metadata, no weight), or
-    else the `init` dict of a model built from scratch; `dtype` is the compute dtype's name."""
+    else the `init` dict of a model built from scratch; `dtype` is the compute dtype's name, the
+    other `overrides` go to the model config (`remat`, `logits_chunk`)."""
     if name_or_path:
-        return load_config(name_or_path, dtype=DTYPES[dtype])
+        return load_config(name_or_path, dtype=DTYPES[dtype], **overrides)
     init = dict(init)
     model_type = init["model_type"]
     if model_type not in FAMILIES:
         raise UserError(f"config.model.init.model_type={model_type!r} is not supported; use one "
                         f"of {sorted(FAMILIES)}")
     family = FAMILIES[model_type]
-    return family, family.Config.from_hf(init, dtype=DTYPES[dtype])
+    return family, family.Config.from_hf(init, dtype=DTYPES[dtype], **overrides)
 
 
 def _load_model(config, mesh):
+    runtime = _runtime_fields(config)
     if config.model.name_or_path:
         return _pretrained(config.model.name_or_path, mesh, DTYPES[config.model.dtype],
-                           config.model.allow_pickle)
-    family, model_config = model_family_config("", config.model.init, config.model.dtype)
+                           config.model.allow_pickle, **runtime)
+    family, model_config = model_family_config("", config.model.init, config.model.dtype,
+                                               **runtime)
     sharding.check_heads(model_config, mesh)
     abstract = nnx.eval_shape(lambda: family.build(model_config, config.model.init_seed))
     graphdef, abstract_state = nnx.split(abstract)
@@ -195,14 +201,14 @@ def _load_model(config, mesh):
     return family, nnx.merge(graphdef, state)
 
 
-def _pretrained(name_or_path: str, mesh, dtype, allow_pickle: bool):
+def _pretrained(name_or_path: str, mesh, dtype, allow_pickle: bool, **overrides):
     """`(family, model)` of a Hugging Face directory, hub id or GGUF file, loaded straight into
-    the shardings its family's partition rules give."""
+    the shardings its family's partition rules give; `overrides` go to the model config."""
     family, model_config = load_config(name_or_path)
     sharding.check_heads(model_config, mesh)
     model = from_pretrained(name_or_path, dtype=dtype,
                             shardings=sharding.sharding_fn(mesh, family.PARTITION_RULES),
-                            allow_pickle=allow_pickle)
+                            allow_pickle=allow_pickle, **overrides)
     return family, model
 
 
@@ -224,15 +230,17 @@ def load_reference(source: str, config, mesh, tokenizer) -> ReferenceModel:
     training run's workdir: its newest checkpoint, LoRA adapters merged) as a DPO reference on
     `mesh`; its tokenizer must be the policy's `tokenizer`."""
     where = f"config.dpo.reference_path={source!r}"
+    logits_chunk = int(config.model.logits_chunk)
     if is_workdir(source):
         other = load_run(source, devices=list(mesh.devices.flat))
         _check_same_vocabulary(other.tokenizer, tokenizer, where)
         family, model = other.family, lora.merge_lora(other.model())
+        # built by the other run's config; it scores with this run's logits chunk
+        model.config = dataclasses.replace(model.config, logits_chunk=logits_chunk)
     else:
         _check_same_vocabulary(load_tokenizer(source), tokenizer, where)
         family, model = _pretrained(source, mesh, DTYPES[config.model.dtype],
-                                    config.model.allow_pickle)
-    model.config = dataclasses.replace(model.config, logits_chunk=int(config.model.logits_chunk))
+                                    config.model.allow_pickle, logits_chunk=logits_chunk)
     graphdef, params, rest = lora.split_trainable(model, "fft")
     return ReferenceModel(source, graphdef,
                           sharding.place_state(params, mesh, family.PARTITION_RULES),

@@ -53,19 +53,22 @@ _NAMES_SHOWN = 5
 
 def from_pretrained(name_or_path: str | os.PathLike, *, dtype=jnp.float32,
                     param_dtype=jnp.float32, shardings: ShardingFn | None = None,
-                    allow_pickle: bool = False, revision: str | None = None) -> nnx.Module:
+                    allow_pickle: bool = False, revision: str | None = None,
+                    **overrides) -> nnx.Module:
     """Load a Hugging Face causal LM from a local directory, a hub id or a GGUF file (or a
     directory holding one `.gguf` and no config.json), which is dequantised to float32 first.
 
     `shardings(path, shape)` gives the `jax.sharding.Sharding` of the parameter at nnx state
     path `path` (e.g. `('h', 0, 'attn', 'c_attn', 'kernel')`) of that shape; without it every parameter goes to
-    the first device. Weights are cast to `param_dtype`; `dtype` is the compute dtype.
+    the first device. Weights are cast to `param_dtype`; `dtype` is the compute dtype; the other
+    `overrides` go to the config (e.g. `remat`, `logits_chunk`).
     `allow_pickle` permits `pytorch_model.bin`, which can run code when loaded (needs torch).
     """
     source, hf_config, read_tensors = _open_checkpoint(
         name_or_path, revision=revision, patterns=_weight_patterns(allow_pickle),
         allow_pickle=allow_pickle)
-    family, config = _family_config(hf_config, source, dtype=dtype, param_dtype=param_dtype)
+    family, config = _family_config(hf_config, source, dtype=dtype, param_dtype=param_dtype,
+                                    **overrides)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: family.build(config)))
     host_arrays = _match_checkpoint(family, nnx.to_flat_state(abstract), read_tensors(), source)
     sharding_of = shardings or _first_device
