@@ -28,11 +28,12 @@ from flax import nnx
 from jaxsftdpo import checkpoint as ckpt
 from jaxsftdpo import lora, sharding
 from jaxsftdpo.config import DTYPES, base_config, describe_differences, stage, validate
-from jaxsftdpo.data.tokenizer import load_tokenizer
+from jaxsftdpo.data.tokenizer import Tokenizer, load_tokenizer
 from jaxsftdpo.errors import UserError
 from jaxsftdpo.models import FAMILIES, from_pretrained, load_config
+from jaxsftdpo.models.family import ModelConfig, ModelFamily
 from jaxsftdpo.policy import Policy
-from jaxsftdpo.tasks import make_task
+from jaxsftdpo.tasks import ClozeTask, JsonlTask, SonnetTask, make_task
 
 CONFIG_FILE = "config.json"
 TOKENIZER_DIR = "tokenizer"
@@ -60,15 +61,15 @@ class ReferenceModel:
 class Run:
     config: mlc.ConfigDict
     mesh: jax.sharding.Mesh
-    family: object
-    model_config: object
+    family: ModelFamily
+    model_config: ModelConfig
     graphdef: nnx.GraphDef
     trainable: nnx.State
     frozen: nnx.State
-    tokenizer: object
+    tokenizer: Tokenizer
     max_length: int
     initial: nnx.State | None       # the trainable state before training
-    task: object | None = None
+    task: ClozeTask | SonnetTask | JsonlTask | None = None
     reference: ReferenceModel | None = None
     workdir: Path | None = None     # load_run: the workdir, checkpoint step and position
     step: int | None = None

@@ -1,20 +1,31 @@
-"""Tokenizers behind one small interface: a byte-level one for offline runs, and Hugging Face's.
-
-Both offer `encode(text) -> list[int]` (no special tokens), `decode(ids) -> str`, `eos_token_id`,
-`pad_token_id`, `vocab_size`, `prefix_ids` (what the tokenizer puts before a text, e.g. a BOS
-token; empty for GPT-2 and for bytes) and `save(directory)`, which `load_tokenizer(directory)` reads
-back.
+"""Tokenizers behind one small interface (`Tokenizer`): a byte-level one for offline runs, and
+Hugging Face's. What `save(directory)` writes, `load_tokenizer(directory)` reads back.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from typing import Protocol
 
 from jaxsftdpo.errors import UserError, first_line
 
 BYTES = "bytes"
 BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
+
+
+class Tokenizer(Protocol):
+    """What the package uses of a tokenizer."""
+
+    vocab_size: int
+    eos_token_id: int
+    pad_token_id: int
+    prefix_ids: list[int]   # what it puts before a text, e.g. a BOS token; empty for GPT-2, bytes
+
+    def encode(self, text: str) -> list[int]: ...     # no special tokens
+    def decode(self, ids) -> str: ...
+    def vocabulary(self) -> dict[str, int]: ...
+    def save(self, directory: str) -> None: ...
 
 
 class ByteTokenizer:
