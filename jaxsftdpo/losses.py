@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsftdpo.errors import UserError
+from jaxsftdpo.sharding import rows_on_batch_devices
 
 # As TRL 1.16's DPOTrainer defines them (`ipo` length-normalised), plus `cdpo`, the smoothed
 # sigmoid TRL does not have under that name (its `sigmoid` takes no `label_smoothing`).
@@ -56,7 +57,7 @@ def head_scores(hidden: jax.Array, targets: jax.Array, logits_fn, chunk: int = 0
     with their softmax and gradient). The values are the unchunked ones, position by position.
     """
     def scores(h, t):
-        logits = logits_fn(h)
+        logits = rows_on_batch_devices(logits_fn(rows_on_batch_devices(h)))
         return picked_logprobs(logits, t), vocab_mean_logits(logits)
 
     b, k = targets.shape
@@ -105,29 +106,31 @@ def sequence_sums(logps: jax.Array, valid: jax.Array) -> jax.Array:
 
 
 def split_chosen_rejected(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Split a `[2B, ...]` array, chosen rows first, into `(chosen [B, ...], rejected [B, ...])`."""
+    """Split a `[2B, ...]` array of pairs, each pair's chosen row then its rejected row, into
+    `(chosen [B, ...], rejected [B, ...])`."""
     n = x.shape[0]
     if n % 2:
         raise ValueError(f"leading axis {n} is odd; expected chosen and rejected rows, 2B")
-    return x[: n // 2], x[n // 2:]
+    pairs = x.reshape(n // 2, 2, *x.shape[1:])
+    return pairs[:, 0], pairs[:, 1]
 
 
 def chosen_nll(logps: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
     """`(nll_sum, chosen_token_count)`: the SFT loss on the chosen half of a pair batch.
 
-    Takes the token log-probs of the concatenated `[2B, K]` forward (chosen rows first), the
+    Takes the token log-probs of the `[2B, K]` pair forward (`split_chosen_rejected`), the
     ones the sequence sums come from, and masks out the rejected rows. This is DPO's SFT term
     (TRL's `rpo_alpha`), combined as
     `total = dpo_loss_sum / pairs + weight * nll_sum / chosen_tokens`, and ORPO's NLL term; each
     sum and count reduced over micro-batches and devices first.
     """
-    chosen_rows = jnp.arange(valid.shape[0])[:, None] < valid.shape[0] // 2
+    chosen_rows = jnp.arange(valid.shape[0])[:, None] % 2 == 0
     return nll(logps, valid & chosen_rows)
 
 
 def completion_logit_sums(mean_logits: jax.Array, valid: jax.Array) -> dict[str, jax.Array]:
-    """`{"logits/chosen", "logits/rejected"}`: sums over the scored tokens of each half of a
-    `[2B, K]` pair batch (chosen rows first) of `vocab_mean_logits`. Divided by the chosen and
+    """`{"logits/chosen", "logits/rejected"}`: sums over the scored tokens of the chosen and the
+    rejected rows of a `[2B, K]` pair batch (`split_chosen_rejected`) of `vocab_mean_logits`. Divided by the chosen and
     the rejected token counts they are TRL's metrics of those names: the mean over completion
     tokens of the mean over the vocabulary of the logit that predicts the token."""
     chosen, rejected = split_chosen_rejected(jnp.where(valid, mean_logits, 0.0))

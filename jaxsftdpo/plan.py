@@ -152,7 +152,8 @@ def reference_model(config: mlc.ConfigDict, mesh) -> Model:
     if runs.is_workdir(source):
         model = runs.read_config(source).model
         source = model.name_or_path
-    family, model_config = runs.model_family_config(source, model.init, model.dtype)
+    family, model_config = runs.model_family_config(
+        source, model.init, model.dtype, logits_chunk=int(config.model.logits_chunk))
     sharding.check_heads(model_config, mesh)
     abstract = nnx.eval_shape(lambda: family.build(model_config))
     graphdef, params, rest = lora.split_trainable(abstract, "fft")
@@ -371,22 +372,23 @@ def plan(config: mlc.ConfigDict, topology: str, *, max_batch: bool = False) -> d
     except UserError as e:
         raise UserError(f"--topology {topology} has {len(tpu.devices)} chips: {e}") from e
     rows = []
-    for step in config_steps(config, mesh):
-        result = compile_step(step, step.rows, tpu)
-        row = {"name": step.name, "stage": step.stage, "kind": step.kind,
-               "param": config.param.kind, "micro_batch": step.rows,
-               "grad_accum": step.grad_accum, "length": step.length, **result}
-        if max_batch:
-            tried = {step.rows: result}
+    with sharding.tracing_on(mesh):  # how the trainer traces its passes
+        for step in config_steps(config, mesh):
+            result = compile_step(step, step.rows, tpu)
+            row = {"name": step.name, "stage": step.stage, "kind": step.kind,
+                   "param": config.param.kind, "micro_batch": step.rows,
+                   "grad_accum": step.grad_accum, "length": step.length, **result}
+            if max_batch:
+                tried = {step.rows: result}
 
-            def fits(rows, step=step, tried=tried):
-                if rows not in tried:
-                    tried[rows] = compile_step(step, rows, tpu)
-                return tried[rows]["fits"]
-            largest = largest_fitting(fits, step.rows, sharding.batch_divisor(mesh))
-            row["max_micro_batch"] = largest
-            row["at_max_micro_batch"] = tried.get(largest)
-        rows.append(row)
+                def fits(rows, step=step, tried=tried):
+                    if rows not in tried:
+                        tried[rows] = compile_step(step, rows, tpu)
+                    return tried[rows]["fits"]
+                largest = largest_fitting(fits, step.rows, sharding.batch_divisor(mesh))
+                row["max_micro_batch"] = largest
+                row["at_max_micro_batch"] = tried.get(largest)
+            rows.append(row)
     return {"topology": topology, "device_kind": tpu.devices[0].device_kind,
             "chips": len(tpu.devices), "hbm_bytes_per_chip": tpu.chip.hbm_bytes,
             "mesh": dict(mesh.shape), "note": ESTIMATE_NOTE, "steps": rows}

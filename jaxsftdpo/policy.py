@@ -27,8 +27,10 @@ class Policy:
 
     def last_token_logits(self, batch: dict) -> np.ndarray:
         """`[B, V]` logits at each row's `last_index` of a `batching.prompt_batch`."""
-        return sharding.to_host(steps.last_token_logits(
-            self.graphdef, self.trainable, self.frozen, sharding.place_batch(batch, self.mesh)))
+        with sharding.tracing_on(self.mesh):
+            logits = steps.last_token_logits(self.graphdef, self.trainable, self.frozen,
+                                             sharding.place_batch(batch, self.mesh))
+        return sharding.to_host(logits)
 
     def prompt_logits(self, prompts: list[np.ndarray], batch_size: int) -> np.ndarray:
         """`[len(prompts), V]` next-token logits after each tokenized prompt.
@@ -63,8 +65,9 @@ class Policy:
                                                 shuffle=False, drop_last=False):
             index = batch.pop("index")
             keep = index >= 0
-            logps = score(self.graphdef, self.trainable, self.frozen,
-                          sharding.place_batch(batch, self.mesh), scored_tokens)
+            with sharding.tracing_on(self.mesh):
+                logps = score(self.graphdef, self.trainable, self.frozen,
+                              sharding.place_batch(batch, self.mesh), scored_tokens)
             for row, values in zip(out, logps if pairs else (logps,)):
                 row[index[keep]] = sharding.to_host(values)[keep]
         return (out[0], out[1]) if pairs else out[0]

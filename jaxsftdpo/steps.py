@@ -23,7 +23,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxsftdpo import losses
+from jaxsftdpo import losses, sharding
 from jaxsftdpo.errors import UserError
 
 
@@ -61,9 +61,14 @@ class SimPOSettings:
     label_smoothing: float
 
 
-def _concat_pairs(batch: dict) -> tuple:
-    cat = lambda name: jnp.concatenate([batch[f"chosen_{name}"], batch[f"rejected_{name}"]], 0)
-    return cat("input_ids"), cat("attention_mask"), cat("loss_mask")
+def _pair_rows(batch: dict) -> tuple:
+    # Each pair's chosen row, then its rejected row: a device's block of pairs becomes a block
+    # of rows on the same device. Concatenating all chosen rows before all rejected ones instead
+    # moves rows between devices, and over 64 chips at one pair each the TPU compiler
+    # replicated the whole batch's forward on every chip (Llama-3.1-8B, plan).
+    rows = lambda name: jnp.stack([batch[f"chosen_{name}"], batch[f"rejected_{name}"]],
+                                  1).reshape(-1, batch[f"chosen_{name}"].shape[-1])
+    return rows("input_ids"), rows("attention_mask"), rows("loss_mask")
 
 
 def normalisers(kind: str, batch: dict, axis_name: str | None = None) -> dict:
@@ -117,17 +122,17 @@ def completion_logps(model, input_ids, attention_mask, loss_mask, scored_tokens=
 
 
 def pair_completion_logps(model, batch: dict, scored_tokens=None):
-    """Token log-probs `[2B, K]` of the chosen then rejected rows (one forward for both), their
+    """Token log-probs `[2B, K]` of each pair's chosen and rejected rows (one forward), their
     mask, the summed completion log-probs `(chosen [B], rejected [B])`, and the vocabulary mean
     logits `[2B, K]` at the scored positions."""
-    logps, valid, mean_logits = completion_scores(model, *_concat_pairs(batch), scored_tokens)
+    logps, valid, mean_logits = completion_scores(model, *_pair_rows(batch), scored_tokens)
     return (logps, valid, losses.split_chosen_rejected(losses.sequence_sums(logps, valid)),
             mean_logits)
 
 
 class PairScores(NamedTuple):
-    """The policy's scores of a micro-batch of pairs, chosen rows first
-    (`pair_completion_logps`)."""
+    """The policy's scores of a micro-batch of pairs, each pair's chosen row then its rejected
+    row (`pair_completion_logps`)."""
 
     logps: jax.Array        # [2B, K] token log-probs at the scored positions
     valid: jax.Array        # [2B, K] which of them are real
@@ -372,8 +377,17 @@ def make_train_step(kind: str, graphdef, tx, settings: Settings, state_shardings
     """
     loss_fn = loss_function(kind, graphdef, settings, scored_tokens)
     step = functools.partial(train_step, loss_fn=loss_fn, kind=kind, tx=tx)
-    out_shardings = None if state_shardings is None else (state_shardings, None)
-    return jax.jit(step, donate_argnums=(0,), out_shardings=out_shardings)
+    if state_shardings is None:
+        return jax.jit(step, donate_argnums=(0,))
+    meshes = {s.mesh for s in jax.tree.leaves(state_shardings) if isinstance(s, NamedSharding)}
+
+    def step_on_mesh(*args):
+        if len(meshes) != 1:
+            return step(*args)
+        with sharding.tracing_on(*meshes):
+            return step(*args)
+
+    return jax.jit(step_on_mesh, donate_argnums=(0,), out_shardings=(state_shardings, None))
 
 
 PMAP_AXIS = "devices"

@@ -285,8 +285,9 @@ def test_sft_loss_matches_torch_cross_entropy():
 def test_split_chosen_rejected_and_chosen_nll():
     logits, ids, mask = _batch()
     chosen, rejected = split_chosen_rejected(jnp.arange(2 * 3 * 5).reshape(6, 5))
-    np.testing.assert_array_equal(chosen, np.arange(15).reshape(3, 5))
-    np.testing.assert_array_equal(rejected, np.arange(15, 30).reshape(3, 5))
+    rows = np.arange(30).reshape(6, 5)  # each pair's chosen row, then its rejected row
+    np.testing.assert_array_equal(chosen, rows[0::2])
+    np.testing.assert_array_equal(rejected, rows[1::2])
     with pytest.raises(ValueError):
         split_chosen_rejected(jnp.zeros((3, 2)))
 
@@ -367,7 +368,11 @@ def _trl_scores(logits, ids, mask):
 
 def _objective(kind, settings, logits, ids, mask):
     """`(loss, metrics)` of the train step's objective `kind` (`steps.OBJECTIVES`) on a
-    `[2B, T, V]` pair batch that is the whole global batch."""
+    `[2B, T, V]` pair batch that is the whole global batch, chosen rows first as TRL lays it
+    out; the step's own layout (each pair's chosen row, then its rejected row) is made here."""
+    half = len(ids) // 2
+    logits, ids, mask = (jnp.stack([x[:half], x[half:]], 1).reshape(x.shape)
+                         for x in (logits, ids, mask))
     logps, valid = token_logprobs(logits, ids), scored_mask(mask)
     scores = steps.PairScores(logps, valid, split_chosen_rejected(sequence_sums(logps, valid)),
                               jnp.zeros(valid.shape))

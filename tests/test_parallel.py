@@ -130,10 +130,13 @@ def test_logits_at_scored_positions_only_change_nothing(kind, param):
                                        mesh, batches)
     scored = lambda *a: steps.make_train_step(*a, scored_tokens=most)
     hist, params = run_steps(scored, kind, graphdef, trainable, frozen, mesh, batches)
-    for want, got in zip(full_hist, hist):
+    # The second step starts from Adam's first update, g / (|g| + eps): where a gradient is
+    # near eps the two heads' rounding (1e-7) moves a weight by up to a few percent of lr =
+    # 1e-2, and the second step's gradient norm by about 1e-4 (on one device too).
+    for (rtol, atol), want, got in zip(((1e-5, 1e-6), (1e-3, 1e-5)), full_hist, hist):
         for name in want:
-            np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5),
+            np.testing.assert_allclose(got[name], want[name], rtol=rtol, atol=atol, err_msg=name)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-3),
                  full_params, params)
 
 

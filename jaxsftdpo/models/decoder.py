@@ -14,6 +14,7 @@ from flax import nnx
 
 from jaxsftdpo.models.layers import (KVCache, attention_mask_for, default_position_ids,
                                      project, split_rng)
+from jaxsftdpo.sharding import rows_on_batch_devices
 
 
 class DecoderLM(nnx.Module):
@@ -86,7 +87,7 @@ class DecoderLM(nnx.Module):
                  head=True):
         c = self.config
         rngs = split_rng(rng, c.num_layers + 1)
-        x = self.embed(input_ids, position_ids, rngs[-1])
+        x = rows_on_batch_devices(self.embed(input_ids, position_ids, rngs[-1]))
         rotary = self.rotary(position_ids)
         t = input_ids.shape[1]
         masks = {window: attention_mask_for(valid_keys, t, offset, window)
@@ -95,10 +96,11 @@ class DecoderLM(nnx.Module):
         for i, block in enumerate(self.blocks):
             mask = masks[block.window]
             if c.remat and cache is None:
-                x = _remat_block(block, x, mask, rngs[i], rotary)
+                x = rows_on_batch_devices(_remat_block(block, x, mask, rngs[i], rotary))
                 continue
             cache_kv = None if cache is None else (cache.keys[i], cache.values[i], cache.index)
             x, new_kv = block(x, mask, cache_kv, rngs[i], rotary)
+            x = rows_on_batch_devices(x)
             if cache is not None:
                 keys.append(new_kv[0])
                 values.append(new_kv[1])
