@@ -40,7 +40,8 @@ CASES = {
     "llama-lora-v5e-fsdp-precomputed": ("v5e:2x2", _config(
         "llama", "lora", [stage("sft", steps=1, batch_size=8),
                           stage("dpo", steps=1, batch_size=8, grad_accum=2)],
-        **{"mesh.data": 1, "mesh.fsdp": 4, "dpo.reference": "precomputed"}),
+        **{"mesh.data": 1, "mesh.fsdp": 4, "dpo.reference": "precomputed", "model.remat": True,
+           "model.logits_chunk": 16}),
         ["sft train_step", "dpo reference_pass", "dpo train_step"]),
     "llama-fft-v4-tensor-reference-free": ("v4:2x2x1", _config(
         "llama", "fft", [stage("dpo", steps=1, batch_size=4), stage("orpo", steps=1, batch_size=4)],

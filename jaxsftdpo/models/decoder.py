@@ -110,9 +110,17 @@ class DecoderLM(nnx.Module):
         return (self.logits(x) if head else x), (tuple(keys), tuple(values))
 
 
-@nnx.remat
 def _remat_block(block, x, mask, rng, rotary):
     """A block whose inner activations are recomputed in the backward pass, not stored: only
     its input stays in memory. Dropout keys are explicit, so the recomputation draws the same
-    masks."""
-    return block(x, mask, None, rng, rotary)[0]
+    masks.
+
+    `jax.checkpoint` over the block's state as arrays, not `nnx.remat`: that writes the state
+    back into the block afterwards, and with LoRA the frozen base weights, constants of the
+    outer trace, cannot be written from inside the gradient's (flax's TraceContextError)."""
+    graphdef, state = nnx.split(block)
+
+    def forward(state, x, mask, rng, rotary):
+        return nnx.merge(graphdef, state)(x, mask, None, rng, rotary)[0]
+
+    return jax.checkpoint(forward)(state, x, mask, rng, rotary)
