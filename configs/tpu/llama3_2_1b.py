@@ -16,12 +16,13 @@ with prompt/completion and preference files where every worker sees them:
         --config.data.train=/mnt/shared/train.jsonl --config.data.dev=/mnt/shared/dev.jsonl \
         --config.parallel.distributed=true
 
-What makes it fit 16 GiB of HBM per chip (each measured with `plan`, docs/results/tpu/):
-bfloat16 compute (parameters and Adam state stay float32, sharded 8 ways), each block
-recomputed in the backward pass (`model.remat`), and the loss's logits 256 positions at a time
-(`model.logits_chunk`) so the float32 `[4, 1024, 128256]` logits of a chip's rows never exist
-whole. DPO's reference log-probs are computed once at the hand-off (`dpo.reference =
-"precomputed"`), so no second copy of the model is held.
+What makes every step fit in 14 GiB of a v5e chip's 16 (each measured with `plan`;
+docs/results/tpu/ has the numbers): bfloat16 compute (parameters and Adam state stay float32,
+sharded 8 ways), each block recomputed in the backward pass (`model.remat`), the loss's logits
+256 positions at a time (`model.logits_chunk`) so the float32 `[4, 1024, 128256]` logits of a
+chip's rows never exist whole, and DPO's 32 pairs in two micro-batches of 16 (its step is two
+sequences per pair). DPO's reference log-probs are computed once at the hand-off (`dpo.reference
+= "precomputed"`), so no second copy of the model is held.
 """
 
 from jaxsftdpo.config import base_config, finalize, stage
