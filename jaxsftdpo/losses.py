@@ -130,9 +130,10 @@ def chosen_nll(logps: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array
 
 def completion_logit_sums(mean_logits: jax.Array, valid: jax.Array) -> dict[str, jax.Array]:
     """`{"logits/chosen", "logits/rejected"}`: sums over the scored tokens of the chosen and the
-    rejected rows of a `[2B, K]` pair batch (`split_chosen_rejected`) of `vocab_mean_logits`. Divided by the chosen and
-    the rejected token counts they are TRL's metrics of those names: the mean over completion
-    tokens of the mean over the vocabulary of the logit that predicts the token."""
+    rejected rows of a `[2B, K]` pair batch (`split_chosen_rejected`) of `vocab_mean_logits`.
+    Divided by the chosen and the rejected token counts they are TRL's metrics of those names:
+    the mean over completion tokens of the mean over the vocabulary of the logit that predicts
+    the token."""
     chosen, rejected = split_chosen_rejected(jnp.where(valid, mean_logits, 0.0))
     return {"logits/chosen": chosen.sum(), "logits/rejected": rejected.sum()}
 

@@ -371,27 +371,32 @@ def plan(config: mlc.ConfigDict, topology: str, *, max_batch: bool = False) -> d
         mesh = sharding.make_mesh(config.mesh, tpu.devices)
     except UserError as e:
         raise UserError(f"--topology {topology} has {len(tpu.devices)} chips: {e}") from e
-    rows = []
     with sharding.tracing_on(mesh):  # how the trainer traces its passes
-        for step in config_steps(config, mesh):
-            result = compile_step(step, step.rows, tpu)
-            row = {"name": step.name, "stage": step.stage, "kind": step.kind,
-                   "param": config.param.kind, "micro_batch": step.rows,
-                   "grad_accum": step.grad_accum, "length": step.length, **result}
-            if max_batch:
-                tried = {step.rows: result}
-
-                def fits(rows, step=step, tried=tried):
-                    if rows not in tried:
-                        tried[rows] = compile_step(step, rows, tpu)
-                    return tried[rows]["fits"]
-                largest = largest_fitting(fits, step.rows, sharding.batch_divisor(mesh))
-                row["max_micro_batch"] = largest
-                row["at_max_micro_batch"] = tried.get(largest)
-            rows.append(row)
+        rows = [_planned(step, config, tpu, mesh, max_batch)
+                for step in config_steps(config, mesh)]
     return {"topology": topology, "device_kind": tpu.devices[0].device_kind,
             "chips": len(tpu.devices), "hbm_bytes_per_chip": tpu.chip.hbm_bytes,
             "mesh": dict(mesh.shape), "note": ESTIMATE_NOTE, "steps": rows}
+
+
+def _planned(step: Step, config: mlc.ConfigDict, tpu: Slice, mesh, max_batch: bool) -> dict:
+    """The JSON row of `step`: its plan at its micro-batch, and with `max_batch` the largest
+    micro-batch that fits and the plan there."""
+    result = compile_step(step, step.rows, tpu)
+    row = {"name": step.name, "stage": step.stage, "kind": step.kind,
+           "param": config.param.kind, "micro_batch": step.rows,
+           "grad_accum": step.grad_accum, "length": step.length, **result}
+    if max_batch:
+        tried = {step.rows: result}
+
+        def fits(rows):
+            if rows not in tried:
+                tried[rows] = compile_step(step, rows, tpu)
+            return tried[rows]["fits"]
+        largest = largest_fitting(fits, step.rows, sharding.batch_divisor(mesh))
+        row["max_micro_batch"] = largest
+        row["at_max_micro_batch"] = tried.get(largest)
+    return row
 
 
 def table(report: dict) -> str:

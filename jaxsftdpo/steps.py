@@ -377,17 +377,19 @@ def make_train_step(kind: str, graphdef, tx, settings: Settings, state_shardings
     """
     loss_fn = loss_function(kind, graphdef, settings, scored_tokens)
     step = functools.partial(train_step, loss_fn=loss_fn, kind=kind, tx=tx)
-    if state_shardings is None:
-        return jax.jit(step, donate_argnums=(0,))
+    out_shardings = None if state_shardings is None else (state_shardings, None)
     meshes = {s.mesh for s in jax.tree.leaves(state_shardings) if isinstance(s, NamedSharding)}
+    if len(meshes) == 1:
+        step = _traced_on(*meshes, step)
+    return jax.jit(step, donate_argnums=(0,), out_shardings=out_shardings)
 
-    def step_on_mesh(*args):
-        if len(meshes) != 1:
-            return step(*args)
-        with sharding.tracing_on(*meshes):
-            return step(*args)
 
-    return jax.jit(step_on_mesh, donate_argnums=(0,), out_shardings=(state_shardings, None))
+def _traced_on(mesh: Mesh, fn):
+    """`fn`, traced for `mesh` (`sharding.tracing_on`) whenever it is traced."""
+    def on_mesh(*args):
+        with sharding.tracing_on(mesh):
+            return fn(*args)
+    return on_mesh
 
 
 PMAP_AXIS = "devices"

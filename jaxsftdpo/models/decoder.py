@@ -96,14 +96,15 @@ class DecoderLM(nnx.Module):
         for i, block in enumerate(self.blocks):
             mask = masks[block.window]
             if c.remat and cache is None:
-                x = rows_on_batch_devices(_remat_block(block, x, mask, rngs[i], rotary))
-                continue
-            cache_kv = None if cache is None else (cache.keys[i], cache.values[i], cache.index)
-            x, new_kv = block(x, mask, cache_kv, rngs[i], rotary)
+                x = _remat_block(block, x, mask, rngs[i], rotary)
+            else:
+                cache_kv = (None if cache is None else
+                            (cache.keys[i], cache.values[i], cache.index))
+                x, new_kv = block(x, mask, cache_kv, rngs[i], rotary)
+                if cache is not None:
+                    keys.append(new_kv[0])
+                    values.append(new_kv[1])
             x = rows_on_batch_devices(x)
-            if cache is not None:
-                keys.append(new_kv[0])
-                values.append(new_kv[1])
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
         x = self.final_norm(x)
